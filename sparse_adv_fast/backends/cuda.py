@@ -1,0 +1,55 @@
+"""The ``cuda`` backend: plain CUDA kernels behind ``extern "C"`` launchers.
+
+The extension takes the raw CUDA stream as an integer; :class:`_StreamBound` passes the
+current stream of the tensors' device so callers use the same signatures as other
+backends.
+"""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+from . import _build
+
+
+def unavailable_reason() -> str | None:
+    """Why the cuda backend cannot run here, or None."""
+    import torch
+
+    if not torch.version.cuda:
+        return "this torch build has no CUDA support"
+    if not torch.cuda.is_available():
+        return "no CUDA device visible"
+    try:
+        from torch.utils.cpp_extension import CUDA_HOME
+    except Exception as e:  # pragma: no cover - broken install
+        return f"torch.utils.cpp_extension unusable: {e}"
+    if CUDA_HOME is None and shutil.which("nvcc") is None:
+        return "nvcc / CUDA_HOME not found, cannot build the CUDA extension"
+    return _build.compiler_reason()
+
+
+class _StreamBound:
+    """Wraps the extension: every function gets ``stream=`` of the current CUDA stream."""
+
+    def __init__(self, ext: Any) -> None:
+        self._ext = ext
+
+    def __getattr__(self, name: str) -> Any:
+        fn = getattr(self._ext, name)
+        if not callable(fn):
+            return fn
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            import torch
+
+            kwargs.setdefault("stream", torch.cuda.current_stream().cuda_stream)
+            return fn(*args, **kwargs)
+
+        return call
+
+
+def loader(op: str) -> _StreamBound:
+    """The CUDA extension for ``op`` with the stream argument bound."""
+    return _StreamBound(_build.load(op, "cuda"))

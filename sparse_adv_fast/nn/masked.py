@@ -1,0 +1,211 @@
+"""Drop-in masked layers: ``MaskedLinear`` and ``MaskedConv2d``.
+
+Each is a subclass of its torch layer with the same ``weight`` / ``bias`` parameters and
+one extra bool buffer ``weight_mask`` (1 byte per weight). Invariants:
+
+* the stored weight is exactly zero where the mask is False: it is re-masked once per
+  weight version (before the first forward after any in-place update) and after every
+  ``torch.optim`` step (a global step post-hook, registered when the first masked layer
+  is built), so momentum, weight decay or Adam state never revive pruned weights;
+* the weight gradient is exactly zero where the mask is False (masked in the kernel);
+* ``state_dict`` / ``deepcopy`` / pickle / ``.to()`` carry the mask like any buffer; a
+  dense state_dict without mask keys loads strictly and keeps the current mask.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from .. import functional as SF
+from ..ops import _cache
+
+# id(weight) -> layer, for the optimizer post-step hook (verified by identity on use).
+_LAYERS: dict[int, weakref.ref] = {}
+_HOOK: Any = None
+
+
+def _remask_after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    if not _LAYERS:
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            ref = _LAYERS.get(id(p))
+            layer = ref() if ref is not None else None
+            if layer is not None and layer.weight is p:
+                layer.remask_()
+
+
+def _track(layer: _MaskedMixin) -> None:
+    global _HOOK
+    if _HOOK is None:
+        _HOOK = register_optimizer_step_post_hook(_remask_after_step)
+    key = id(layer.weight)
+    _LAYERS[key] = weakref.ref(layer, lambda _r, k=key: _LAYERS.pop(k, None))
+
+
+def check_mask(mask: Any, weight: Tensor, where: str = "mask") -> Tensor:
+    """Validate a mask for ``weight``: a bool tensor of the same shape."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{where}: expected a torch.bool tensor, got {type(mask).__name__}")
+    if mask.dtype is not torch.bool:
+        raise TypeError(f"{where}: mask dtype must be torch.bool, got {mask.dtype}")
+    if tuple(mask.shape) != tuple(weight.shape):
+        raise ValueError(
+            f"{where}: mask shape {tuple(mask.shape)} does not match weight shape "
+            f"{tuple(weight.shape)}"
+        )
+    return mask
+
+
+class _MaskedMixin:
+    """Mask state and the zero-weight invariant shared by the masked layers."""
+
+    weight: nn.Parameter
+    weight_mask: Tensor
+    _dense_cls: type[nn.Module]
+
+    def _init_mask(self) -> None:
+        self.register_buffer(
+            "weight_mask", torch.ones(self.weight.shape, dtype=torch.bool, device=self.weight.device)
+        )
+        self._masked_at: tuple[int, int, int] | None = None
+        _track(self)
+
+    # -- invariant ------------------------------------------------------------------
+    def remask_(self) -> None:
+        """Zero the stored weight where the mask is False (no-op when already done)."""
+        w, m = self.weight, self.weight_mask
+        key = (id(w), w._version, m._version)
+        if self._masked_at == key:
+            return
+        if _LAYERS.get(id(w)) is None:
+            _track(self)  # weight replaced (deepcopy, assignment): track the new one
+        with torch.no_grad():
+            if not bool(m.all()):
+                w.mul_(m)
+        self._masked_at = (id(w), w._version, m._version)
+        _cache.mark_masked(w, m)
+
+    def _masked_inputs(self) -> tuple[Tensor, Tensor]:
+        if not torch.compiler.is_compiling():
+            self.remask_()
+        return self.weight, self.weight_mask
+
+    # -- mask API -------------------------------------------------------------------
+    def set_mask(self, mask: Tensor) -> None:
+        """Replace the mask (bool, weight's shape) and zero the newly pruned weights."""
+        check_mask(mask, self.weight, type(self).__name__)
+        with torch.no_grad():
+            self.weight_mask.copy_(mask.to(self.weight_mask.device))
+        self.remask_()
+
+    @property
+    def density(self) -> float:
+        """Fraction of weights kept."""
+        return float(self.weight_mask.float().mean())
+
+    def extra_repr(self) -> str:  # type: ignore[override]
+        return f"{super().extra_repr()}, density={self.density:.4f}"  # type: ignore[misc]
+
+    # -- state ----------------------------------------------------------------------
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+        error_msgs,
+    ) -> None:
+        super()._load_from_state_dict(  # type: ignore[misc]
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+            error_msgs,
+        )
+        key = prefix + "weight_mask"
+        if key in missing_keys:  # a dense checkpoint: keep the current mask
+            missing_keys.remove(key)
+        self._masked_at = None
+        self.remask_()
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)  # type: ignore[misc]
+        self._masked_at = None
+        _track(self)
+
+    # -- conversions ----------------------------------------------------------------
+    def to_dense(self) -> nn.Module:
+        """The plain torch layer with the same (masked) parameters, mask dropped."""
+        self.remask_()
+        dense = _shell(self._dense_cls, self)
+        return dense
+
+    @classmethod
+    def from_dense(cls, module: nn.Module, mask: Tensor | None = None):
+        """Wrap ``module``'s parameters (the same Parameter objects) in a masked layer.
+
+        Optimizers built over the dense module keep working on the masked one.
+        """
+        if type(module) is not cls._dense_cls:
+            raise TypeError(
+                f"{cls.__name__}.from_dense expects a {cls._dense_cls.__name__}, "
+                f"got {type(module).__name__}"
+            )
+        if mask is not None:
+            check_mask(mask, module.weight, f"{cls.__name__}.from_dense")
+        new = _shell(cls, module)
+        new._init_mask()
+        if mask is not None:
+            new.set_mask(mask)
+        return new
+
+
+def _shell(cls: type, src: nn.Module) -> nn.Module:
+    """An instance of ``cls`` sharing ``src``'s parameters, buffers, settings and hooks."""
+    new = cls.__new__(cls)
+    for k, v in src.__dict__.items():
+        if k != "_masked_at":
+            new.__dict__[k] = copy.copy(v) if isinstance(v, (dict, set)) else v
+    new._buffers.pop("weight_mask", None)
+    new._non_persistent_buffers_set.discard("weight_mask")
+    return new
+
+
+class MaskedLinear(_MaskedMixin, nn.Linear):
+    """``nn.Linear`` whose weight is multiplied by a bool ``weight_mask`` buffer."""
+
+    _dense_cls = nn.Linear
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self._init_mask()
+
+    def forward(self, input: Tensor) -> Tensor:
+        w, m = self._masked_inputs()
+        return SF.masked_linear(input, w, m, self.bias)
+
+
+class MaskedConv2d(_MaskedMixin, nn.Conv2d):
+    """``nn.Conv2d`` whose weight is multiplied by a bool ``weight_mask`` buffer.
+
+    Any ``padding`` / ``padding_mode`` of ``nn.Conv2d`` works: non-zero modes and string
+    padding are applied with ``F.pad`` before the masked convolution, as torch does.
+    """
+
+    _dense_cls = nn.Conv2d
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_mask()
+
+    def forward(self, input: Tensor) -> Tensor:
+        w, m = self._masked_inputs()
+        padding: Any = self.padding
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            input = nn.functional.pad(input, self._reversed_padding_repeated_twice, mode=mode)
+            padding = 0
+        return SF.masked_conv2d(
+            input, w, m, self.bias, self.stride, padding, self.dilation, self.groups
+        )
