@@ -2,6 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
+# Without a GPU, Triton kernels run in the interpreter; it must be chosen before triton is
+# first imported, and the suite runs in one process, so it is set here, first.
+try:
+    import torch as _torch
+
+    if not _torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:  # pragma: no cover
+    pass
+
 import pytest
 import torch
 

@@ -1,0 +1,54 @@
+"""``python -m sparse_adv_fast.info``: versions, devices and backends, for bug reports."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import sys
+
+import torch
+
+from . import __version__, backends
+
+
+def _version(pkg: str) -> str:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def collect() -> dict[str, object]:
+    """Everything :func:`main` prints, as a dict."""
+    cuda = torch.cuda.is_available()
+    return {
+        "sparse_adv_fast": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "cuda_build": torch.version.cuda or "none",
+        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if cuda
+        else [],
+        "cpu_threads": torch.get_num_threads(),
+        "backend_choice": backends.current(),
+        "backends": backends.available(),
+    }
+
+
+def main() -> None:
+    """Print versions, devices and, for each backend, whether it runs here and why not."""
+    info = collect()
+    width = max(map(len, info))
+    for key, val in info.items():
+        if key == "backends":
+            continue
+        print(f"{key:<{width}}  {val}")
+    print("backends:")
+    for name, ok in info["backends"].items():  # type: ignore[union-attr]
+        print(f"  {name:<8} {'available' if ok is True else 'unavailable: ' + str(ok)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""Resumable stage runner: each finished stage is one atomically written file in ``<out>/stages``.
+
+A stage is a named function whose (picklable, plain) result is saved as
+``<out>/stages/<name>.pt`` the moment it returns. Rerunning the pipeline with the same output
+directory loads finished stages instead of recomputing them; ``fresh=True`` deletes them first.
+The run's settings are stored in ``<out>/stages/run.json``: resuming with other settings is an
+error (mixing stages from two configurations would give a meaningless table).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+_FORMAT = 1
+
+
+class StageError(RuntimeError):
+    """A stage file or the run settings in an output directory cannot be used."""
+
+
+def _checkpoint() -> Any:
+    # Resolved per call so the checkpoint module is only needed once a stage is saved/loaded.
+    return importlib.import_module("sparse_adv_fast.checkpoint")
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def write_text_atomic(text: str, path: str | os.PathLike[str]) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (never half-written)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class StageRunner:
+    """Run named stages once per output directory, checkpointing each result atomically.
+
+    Args:
+        out_dir: the output directory (created if missing).
+        config: the run's settings (JSON-serialisable). Stored on the first run; a later run in
+            the same directory with different settings raises :class:`StageError` unless
+            ``fresh``.
+        fresh: delete the stage files of an earlier run and start over.
+        log: where one-line progress messages go (default: stderr).
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike[str],
+        *,
+        config: dict[str, Any],
+        fresh: bool = False,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        if not isinstance(config, dict):
+            raise TypeError(f"StageRunner: config must be a dict, got {type(config).__name__}")
+        self.out_dir = Path(out_dir)
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise StageError(f"output path {str(self.out_dir)!r} exists and is not a directory")
+        self.stage_dir = self.out_dir / "stages"
+        self.config = json.loads(json.dumps(config))  # normalise tuples -> lists for comparison
+        self.log = log or _stderr
+        self.ran: list[str] = []
+        self.skipped: list[str] = []
+        self.seconds: dict[str, float] = {}
+        self.stage_dir.mkdir(parents=True, exist_ok=True)
+        if fresh:
+            self._clear()
+        self._check_config()
+
+    # -- settings -----------------------------------------------------------------------------
+    @property
+    def _run_file(self) -> Path:
+        return self.stage_dir / "run.json"
+
+    def _clear(self) -> None:
+        # Only files this runner writes: an --out pointing at a user folder loses nothing else.
+        for p in self.stage_dir.iterdir():
+            if p.is_file() and (p.suffix == ".pt" or p.name == "run.json" or p.name.startswith(".")):
+                p.unlink()
+
+    def _check_config(self) -> None:
+        if not self._run_file.exists():
+            if any(self.stage_dir.glob("*.pt")):
+                raise StageError(
+                    f"{self.stage_dir} holds stage files but no run.json; rerun with --fresh"
+                )
+            write_text_atomic(json.dumps(self.config, indent=2, sort_keys=True), self._run_file)
+            return
+        try:
+            old = json.loads(self._run_file.read_text(encoding="utf-8"))
+            if not isinstance(old, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            raise StageError(
+                f"run settings file {self._run_file} is corrupt ({e}); rerun with --fresh"
+            ) from None
+        if old != self.config:
+            diff = ", ".join(
+                f"{k}: {old.get(k)!r} -> {self.config.get(k)!r}"
+                for k in sorted(set(old) | set(self.config))
+                if old.get(k) != self.config.get(k)
+            )
+            raise StageError(
+                f"{self.out_dir} holds a run with other settings ({diff}); "
+                "rerun with --fresh to start over, or choose another --out"
+            )
+
+    # -- stages -------------------------------------------------------------------------------
+    def path(self, name: str) -> Path:
+        """The result file of stage ``name``."""
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ValueError(f"stage name must match {_NAME.pattern}, got {name!r}")
+        return self.stage_dir / f"{name}.pt"
+
+    def scratch(self, name: str) -> Path:
+        """A file a stage may use for its own mid-stage checkpoints (deleted when it finishes)."""
+        return self.stage_dir / f"{name}.partial.pt"
+
+    def done(self, name: str) -> bool:
+        """Whether stage ``name`` has a saved result."""
+        return self.path(name).exists()
+
+    def load(self, name: str) -> Any:
+        """The saved result of stage ``name``; :class:`StageError` naming the file if unusable."""
+        path = self.path(name)
+        try:
+            blob = _checkpoint().load(path)
+        except Exception as e:  # any unreadable file: the message must name it
+            raise StageError(
+                f"stage file {path} is corrupt or unreadable ({type(e).__name__}: {e}); "
+                "delete it or rerun with --fresh"
+            ) from None
+        if not isinstance(blob, dict) or blob.get("stage") != name or "result" not in blob:
+            raise StageError(
+                f"stage file {path} is not a result of stage {name!r}; "
+                "delete it or rerun with --fresh"
+            )
+        return blob["result"]
+
+    def run(self, name: str, fn: Callable[[], Any]) -> Any:
+        """Return stage ``name``'s saved result, or run ``fn()`` and save its result first."""
+        path = self.path(name)
+        if path.exists():
+            result = self.load(name)
+            self.skipped.append(name)
+            self.log(f"[saf] stage {name}: done earlier, skipped ({path.name})")
+            return result
+        self.log(f"[saf] stage {name}: running")
+        t0 = time.perf_counter()
+        result = fn()
+        dt = time.perf_counter() - t0
+        _checkpoint().save_atomic(
+            {"stage": name, "format": _FORMAT, "seconds": dt, "result": result}, path
+        )
+        self.scratch(name).unlink(missing_ok=True)
+        self.ran.append(name)
+        self.seconds[name] = dt
+        self.log(f"[saf] stage {name}: finished in {dt:.1f}s")
+        return result

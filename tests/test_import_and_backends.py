@@ -1,0 +1,92 @@
+"""Import stays lean; the backend registry reports, forces and falls back as documented."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sparse_adv_fast as saf
+from sparse_adv_fast import backends
+from sparse_adv_fast.ops import op_module
+
+ml_mod = op_module("masked_linear")
+
+
+def test_import_compiles_nothing_and_imports_no_triton():
+    code = (
+        "import sys, sparse_adv_fast as s, sparse_adv_fast.nn, sparse_adv_fast.ops;"
+        "import sparse_adv_fast.functional;"
+        "bad=[m for m in ('triton','torch.utils.cpp_extension') if m in sys.modules];"
+        "print(','.join(bad) or 'clean')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "clean"
+
+
+def test_available_lists_every_backend_with_true_or_reason():
+    av = backends.available()
+    assert set(av) == {"torch", "cpp", "triton", "cuda"}
+    assert av["torch"] is True
+    for name, v in av.items():
+        assert v is True or (isinstance(v, str) and v), name
+    if not torch.cuda.is_available():
+        assert isinstance(av["cuda"], str)
+
+
+def test_unknown_backend_name_is_a_value_error():
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        backends.use("fast")
+
+
+def test_env_var_forces_backend(monkeypatch):
+    monkeypatch.setenv("SPARSE_ADV_FAST_BACKEND", "torch")
+    assert backends.current() == "torch"
+    assert backends.resolve("masked_linear", torch.device("cpu")) == ("torch", None)
+    monkeypatch.setenv("SPARSE_ADV_FAST_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="bogus"):
+        backends.current()
+
+
+def test_use_overrides_env_and_auto_restores(monkeypatch):
+    monkeypatch.setenv("SPARSE_ADV_FAST_BACKEND", "torch")
+    backends.use("cpp")
+    assert backends.current() == "cpp"
+    backends.use("auto")
+    assert backends.current() == "torch"  # back to the environment's choice
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error path")
+def test_forced_backend_that_cannot_run_raises_with_reason():
+    x, w = torch.randn(2, 3), torch.randn(4, 3)
+    m = torch.ones(4, 3, dtype=torch.bool)
+    with backends.using("cuda"), pytest.raises(backends.BackendUnavailable, match="cuda"):
+        saf.ops.masked_linear(x, w, m)
+
+
+def test_auto_falls_back_to_torch_with_one_log_line(monkeypatch, caplog):
+    def broken(op):
+        raise RuntimeError("compiler exploded")
+
+    monkeypatch.setattr(backends._cpp, "loader", broken)
+    monkeypatch.setattr(backends._cpp, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(backends, "_warned", set())
+    caplog.set_level("INFO", logger="sparse_adv_fast")
+    x, w = torch.randn(2, 3), torch.randn(4, 3)
+    m = torch.rand(4, 3) > 0.5
+    for _ in range(3):
+        y = saf.ops.masked_linear(x, w, m)
+    torch.testing.assert_close(y, ml_mod.reference(x, w, m))
+    lines = [r for r in caplog.records if "compiler exploded" in r.getMessage()]
+    assert len(lines) == 1
+
+
+def test_info_prints_versions_and_backends():
+    out = subprocess.run(
+        [sys.executable, "-m", "sparse_adv_fast.info"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "torch" in out and "backends:" in out
+    for name in ("torch", "cpp", "triton", "cuda"):
+        assert f"  {name}" in out
