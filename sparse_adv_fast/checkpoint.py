@@ -71,8 +71,8 @@ def load(
         return torch.load(path, map_location=map_location, weights_only=weights_only)
     except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
         raise CheckpointError(
-            f"checkpoint {path} is corrupt or truncated and cannot be loaded "
-            f"({type(e).__name__}: {e}); delete it to start over"
+            f"checkpoint {path} cannot be loaded: corrupt, truncated or holding objects that "
+            f"weights_only loading refuses ({type(e).__name__}: {e}); delete it to start over"
         ) from e
 
 

@@ -96,7 +96,8 @@ class StageRunner:
     def _clear(self) -> None:
         # Only files this runner writes: an --out pointing at a user folder loses nothing else.
         for p in self.stage_dir.iterdir():
-            if p.is_file() and (p.suffix == ".pt" or p.name == "run.json" or p.name.startswith(".")):
+            ours = p.suffix == ".pt" or p.name == "run.json" or p.name.startswith(".")
+            if p.is_file() and ours:
                 p.unlink()
 
     def _check_config(self) -> None:

@@ -1,0 +1,92 @@
+"""Pieces every attack shares: argument/batch preparation, the loss-and-gradient call, the
+pure projection and the per-sample best-restart select (``ops.restart_select``).
+
+Restarts are laid out restart-major: row ``r * B + b`` is restart ``r`` of sample ``b``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from ..ops.restart_select import select_restarts
+from . import _hygiene as H
+from .losses import MIN_CLASSES, attack_loss
+from .losses import fooled as fooled_mask
+
+
+@dataclass
+class Batch:
+    """A validated batch, repeated over restarts (restart-major)."""
+
+    x: Tensor  # [R*B, ...] clean inputs, contiguous
+    y: Tensor  # [R*B] labels (targets when targeted)
+    y_true: Tensor | None  # [R*B] clean predictions, only for targeted DLR
+    restarts: int
+    lo: float
+    hi: float
+
+
+def prepare(
+    where: str, model: nn.Module, x: Tensor, y: Tensor, *, loss: str, targeted: bool,
+    restarts: int, lo: float, hi: float,
+) -> Batch:
+    """Check the batch and labels against the model (one clean forward, no grad) and
+    repeat it over restarts. Call inside :func:`_hygiene.attack_mode`."""
+    H.check_batch(where, x, y, lo, hi)
+    x = x.detach()
+    y = y.to(device=x.device, dtype=torch.long)
+    with torch.no_grad():
+        logits = model(x if loss == "dlr" and targeted else x[:1])
+    if logits.dim() != 2:
+        raise ValueError(f"{where}: the model must return logits of shape [B, classes], got "
+                         f"{tuple(logits.shape)}")
+    H.check_labels(where, y, logits.shape[1], MIN_CLASSES[(loss, targeted)])
+    y_true = logits.argmax(dim=1) if loss == "dlr" and targeted else None
+    reps = (restarts,) + (1,) * (x.dim() - 1)
+    xr = x.repeat(reps).contiguous() if restarts > 1 else x.contiguous()
+    yr = y.repeat(restarts)
+    if y_true is not None:
+        y_true = y_true.repeat(restarts)
+    return Batch(xr, yr, y_true, restarts, lo, hi)
+
+
+def loss_grad(
+    model: nn.Module, x_adv: Tensor, y: Tensor, y_true: Tensor | None, loss: str,
+    targeted: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-sample loss ``[N]``, input gradient of its sum and logits, at ``x_adv``.
+
+    Only the input gets a gradient (``torch.autograd.grad``): no parameter grads exist.
+    """
+    xg = x_adv.detach().requires_grad_(True)
+    logits = model(xg)
+    per = attack_loss(loss, targeted, logits, y, y_true)
+    (g,) = torch.autograd.grad(per.sum(), xg)
+    return per.detach(), g, logits.detach()
+
+
+def project(v: Tensor, x: Tensor, *, eps: float, norm: str, lo: float, hi: float) -> Tensor:
+    """Project ``v`` onto the ``eps``-ball around ``x`` and clip to ``[lo, hi]``.
+
+    This is ``pgd_step`` with a zero gradient (sign(0) = 0 for L∞; a zero step for L2),
+    so projections share the fused op's exact semantics.
+    """
+    v = v.contiguous()
+    return ops.pgd_step(v, torch.zeros_like(v), x, alpha=1.0, eps=eps, norm=norm, clip=(lo, hi))
+
+
+def final_select(model: nn.Module, x_adv: Tensor, b: Batch, loss: str, targeted: bool,
+                 losses: Tensor | None = None) -> Tensor:
+    """Pick each sample's best restart (one extra forward when ``losses`` is not given)."""
+    if b.restarts == 1:
+        return x_adv
+    with torch.no_grad():
+        logits = model(x_adv)
+        if losses is None:
+            losses = attack_loss(loss, targeted, logits, b.y, b.y_true)
+        won = fooled_mask(logits, b.y, targeted)
+    return select_restarts(x_adv, losses, b.restarts, fooled=won)

@@ -1,0 +1,129 @@
+"""Robust-accuracy evaluation: clean, per attack and the per-sample worst case."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import _hygiene as H
+from .callables import APGD, FGSM, PGD
+
+AttackFn = Callable[[Tensor, Tensor], Tensor]
+_PGD_NAME = re.compile(r"^pgd(\d+)(?:x(\d+))?$")
+SUITES = ("pgd20x5", "pgd10", "fgsm", "apgd", "apgd-ce", "apgd-dlr")
+
+
+def suite(name: str, model: nn.Module, *, eps: float, norm: str = "linf") -> dict[str, AttackFn]:
+    """The named attack(s) as ``{report name: atk(x, y)}``.
+
+    ``"pgd<k>"`` / ``"pgd<k>x<r>"``: PGD-k with r restarts, step ``eps/4``, random start
+    (``"pgd20x5"`` and ``"pgd10"`` are the standard ones); ``"fgsm"``; ``"apgd"``:
+    APGD-CE and APGD-DLR (100 steps), reported as ``"apgd-ce"`` and ``"apgd-dlr"``.
+    """
+    m = _PGD_NAME.match(name)
+    if m:
+        steps, restarts = int(m.group(1)), int(m.group(2) or 1)
+        return {name: PGD(model, eps=eps, alpha=eps / 4 if eps > 0 else 1.0, steps=steps,
+                          norm=norm, restarts=restarts, random_start=True)}
+    if name == "fgsm":
+        return {name: FGSM(model, eps=eps, norm=norm)}
+    if name in ("apgd", "apgd-ce", "apgd-dlr"):
+        out = {}
+        if name != "apgd-dlr":
+            out["apgd-ce"] = APGD(model, eps=eps, norm=norm, loss="ce")
+        if name != "apgd-ce":
+            out["apgd-dlr"] = APGD(model, eps=eps, norm=norm, loss="dlr")
+        return out
+    raise ValueError(f"evaluate: unknown attack {name!r}; use one of {SUITES}, 'pgd<k>', "
+                     "'pgd<k>x<r>', or pass a dict name -> callable atk(x, y)")
+
+
+def _resolve(
+    attacks: Sequence[str] | Mapping[str, AttackFn] | str, model: nn.Module, eps: float,
+    norm: str,
+) -> dict[str, AttackFn]:
+    if isinstance(attacks, str):
+        attacks = (attacks,)
+    if isinstance(attacks, Mapping):
+        for k, v in attacks.items():
+            if not callable(v):
+                raise TypeError(f"evaluate: attack {k!r} is not callable (got "
+                                f"{type(v).__name__})")
+        return dict(attacks)
+    out: dict[str, AttackFn] = {}
+    for name in attacks:
+        if not isinstance(name, str):
+            raise TypeError(f"evaluate: attack names must be strings, got {name!r}")
+        out.update(suite(name.lower(), model, eps=eps, norm=norm))
+    return out
+
+
+def _batch(item: Any, device: torch.device) -> tuple[Tensor, Tensor]:
+    if not isinstance(item, (tuple, list)) or len(item) < 2:
+        raise TypeError("evaluate: the loader must yield (x, y) batches, got "
+                        f"{type(item).__name__}")
+    return item[0].to(device), item[1].to(device)
+
+
+def evaluate(
+    model: nn.Module, loader: Iterable, attacks: Sequence[str] | Mapping[str, AttackFn] = (
+        "pgd20x5", "apgd"), *, eps: float = 8 / 255, norm: str = "linf",
+    device: torch.device | str | None = None, max_batches: int | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Clean and robust accuracy of ``model`` over ``loader`` (any iterable of ``(x, y)``).
+
+    Returns ``{"clean": acc, "robust": {name: acc}, "worst_case": acc, "n": count}``. A
+    sample counts as robust to an attack when it is classified correctly both clean and on
+    that attack's output; ``worst_case`` counts the samples robust to every attack (the
+    per-sample AND). Only clean-correct samples are attacked. The model is evaluated in
+    eval mode with frozen parameters (restored afterwards).
+    """
+    H.check_config("evaluate", eps=eps, norm=norm)
+    if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 0):
+        raise ValueError(f"evaluate: max_batches must be an integer >= 0, got {max_batches!r}")
+    if device is None:
+        p = next(iter(model.parameters()), None)
+        device = p.device if p is not None else torch.device("cpu")
+    device = torch.device(device)
+    atks = _resolve(attacks, model, eps, norm)
+
+    n, clean, worst = 0, 0, 0
+    robust = dict.fromkeys(atks, 0)
+    it = iter(loader)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = iter(tqdm(loader, total=max_batches, desc="evaluate"))
+    with H.attack_mode(model):
+        for i, item in enumerate(it):
+            if max_batches is not None and i >= max_batches:
+                break
+            x, y = _batch(item, device)
+            with torch.no_grad():
+                ok = model(x).argmax(dim=1) == y
+            all_ok = ok.clone()
+            idx = ok.nonzero().squeeze(1)
+            for name, atk in atks.items():
+                still = torch.zeros_like(ok)
+                if idx.numel() > 0:
+                    x_adv = atk(x[idx], y[idx])
+                    with torch.no_grad():
+                        still[idx] = model(x_adv).argmax(dim=1) == y[idx]
+                robust[name] += int(still.sum())
+                all_ok &= still
+            n += y.shape[0]
+            clean += int(ok.sum())
+            worst += int(all_ok.sum())
+    if n == 0:
+        raise ValueError("evaluate: the loader yielded no batches")
+    return {
+        "clean": clean / n,
+        "robust": {k: v / n for k, v in robust.items()},
+        "worst_case": worst / n,
+        "n": n,
+    }

@@ -1,0 +1,167 @@
+"""Python layer of the ``cpp`` backend for the masked ops: dense vs sparse choice.
+
+Dense-ish masks run torch's BLAS / oneDNN kernels on the cached masked weight (so a masked
+layer costs what a dense one does). At or below :data:`SPARSE_DENSITY` the op switches to
+the extension's sparse kernels over a CSR of the mask's structure, built once per
+weight/mask version through :func:`sparse_adv_fast.ops._cache.get` and dropped when the
+weight changes. ``grad_weight`` on the sparse path computes only the kept entries (SDDMM).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..ops import _cache
+
+# Density (kept fraction) at or below which the sparse kernels run. Measured with
+# benchmarks/bench_masked_ops.py on the 2-core dev CPU (AMD EPYC, AVX2, torch 2.13 CPU):
+# linear 2048x2048 batch 256 fwd+grad_x crosses dense at ~0.2 density and conv 64->64 3x3
+# 32x32 batch 32 at ~0.1; 0.1 is below both crossovers, so the sparse path always wins
+# where it is chosen.
+SPARSE_DENSITY = 0.1
+
+_SPARSE_DTYPES = (torch.float32, torch.float64)
+
+Conv = tuple[list[int], list[int], list[int], int]
+
+
+def density(mask: Tensor) -> float:
+    """Kept fraction of ``mask``, cached per mask version."""
+    return _cache.get(mask, mask, "density", lambda: float(mask.sum()) / max(mask.numel(), 1))
+
+
+def _use_sparse(t: Tensor, mask: Tensor) -> bool:
+    return t.dtype in _SPARSE_DTYPES and mask.numel() > 0 and density(mask) <= SPARSE_DENSITY
+
+
+def _pattern(mask2d: Tensor) -> tuple[Tensor, Tensor]:
+    """CSR structure (rowptr int64, col int32) of a 2-D bool tensor, row-major order."""
+    counts = mask2d.sum(1)
+    rowptr = torch.zeros(mask2d.shape[0] + 1, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=rowptr[1:])
+    col = mask2d.nonzero()[:, 1].to(torch.int32)
+    return rowptr, col
+
+
+def _rows(mask: Tensor) -> Tensor:
+    """The mask as rows = output channels/features (a view)."""
+    return mask.reshape(mask.shape[0], -1)
+
+
+def _rows_t(t: Tensor, groups: int) -> Tensor:
+    """``t`` (OC, Cg, *k) as rows = global input channel, columns = (ocl, ky, kx)."""
+    oc, cg = t.shape[0], t.shape[1]
+    kk = t[0, 0].numel() if t.dim() > 2 else 1
+    t4 = t.reshape(groups, oc // groups, cg, kk).permute(0, 2, 1, 3)
+    return t4.reshape(groups * cg, (oc // groups) * kk)
+
+
+def csr(w: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(rowptr, col, val)`` of ``w ⊙ mask`` with rows = outputs, cached per version."""
+
+    def build() -> tuple[Tensor, Tensor, Tensor]:
+        rowptr, col = pattern(mask)
+        return rowptr, col, w.detach().reshape(mask.shape[0], -1)[_rows(mask)].contiguous()
+
+    return _cache.get(w, mask, "csr", build)
+
+
+def csr_t(w: Tensor, mask: Tensor, groups: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+    """CSR of the transposed masked weight (rows = inputs), cached per version."""
+
+    def build() -> tuple[Tensor, Tensor, Tensor]:
+        mt = _rows_t(mask, groups)
+        rowptr, col = _pattern(mt)
+        return rowptr, col, _rows_t(w.detach(), groups)[mt].contiguous()
+
+    return _cache.get(w, mask, f"csr_t{groups}", build)
+
+
+def pattern(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """CSR structure of ``mask`` (rows = outputs), cached per mask version."""
+    return _cache.get(mask, mask, "pattern", lambda: _pattern(_rows(mask)))
+
+
+class LinearOps:
+    """``masked_linear`` backend functions (contract of ``ops/masked_linear.py``)."""
+
+    def __init__(self, ext: ModuleType) -> None:
+        self._ext = ext
+
+    def forward(self, x2d: Tensor, w: Tensor, mask: Tensor, b: Tensor | None) -> Tensor:
+        """``x2d (w ⊙ mask)^T + b``."""
+        if _use_sparse(x2d, mask):
+            rowptr, col, val = csr(w, mask)
+            return self._ext.spmm(x2d, rowptr, col, val, w.shape[0], b)
+        return F.linear(x2d, _cache.masked_weight(w, mask), b)
+
+    def grad_input(self, gy2d: Tensor, w: Tensor, mask: Tensor) -> Tensor:
+        """``gy2d (w ⊙ mask)``."""
+        if _use_sparse(gy2d, mask):
+            rowptr, col, val = csr_t(w, mask)
+            return self._ext.spmm(gy2d, rowptr, col, val, w.shape[1], None)
+        return gy2d @ _cache.masked_weight(w, mask)
+
+    def grad_weight(self, gy2d: Tensor, x2d: Tensor, mask: Tensor) -> Tensor:
+        """``(gy2d^T x2d) ⊙ mask`` with exact zeros at pruned positions."""
+        if _use_sparse(x2d, mask):
+            rowptr, col = pattern(mask)
+            return self._ext.sddmm(gy2d, x2d, rowptr, col)
+        return torch.mm(gy2d.t(), x2d).mul_(mask)
+
+
+class Conv2dOps:
+    """``masked_conv2d`` backend functions (contract of ``ops/masked_conv2d.py``)."""
+
+    def __init__(self, ext: ModuleType) -> None:
+        self._ext = ext
+
+    def forward(self, x: Tensor, w: Tensor, mask: Tensor, b: Tensor | None, conv: Conv) -> Tensor:
+        """``conv2d(x, w ⊙ mask, b, *conv)``."""
+        if _use_sparse(x, mask):
+            rowptr, col, val = csr(w, mask)
+            return self._ext.conv_forward(x, rowptr, col, val, list(w.shape), b, *conv)
+        stride, padding, dilation, groups = conv
+        return F.conv2d(x, _cache.masked_weight(w, mask), b, stride, padding, dilation, groups)
+
+    def grad_input(self, gy: Tensor, x: Tensor, w: Tensor, mask: Tensor, conv: Conv) -> Tensor:
+        """Gradient of the convolution w.r.t. its input (``x`` gives the shape)."""
+        if _use_sparse(gy, mask):
+            rowptr, col, val = csr_t(w, mask, conv[3])
+            return self._ext.conv_grad_input(gy, list(x.shape), rowptr, col, val, list(w.shape),
+                                             *conv)
+        return _conv_backward(gy, x, _cache.masked_weight(w, mask), conv, (True, False))[0]
+
+    def grad_weight(self, gy: Tensor, x: Tensor, mask: Tensor, conv: Conv) -> Tensor:
+        """Weight gradient, exact zeros at pruned positions."""
+        if _use_sparse(x, mask):
+            rowptr, col = pattern(mask)
+            return self._ext.conv_grad_weight(gy, x, rowptr, col, list(mask.shape), *conv)
+        w_like = x.new_empty(mask.shape)  # only its shape is read
+        return _conv_backward(gy, x, w_like, conv, (False, True))[1].mul_(mask)
+
+
+def _conv_backward(gy: Tensor, x: Tensor, w: Tensor, conv: Conv, need: tuple[bool, bool]):
+    stride, padding, dilation, groups = conv
+    return torch.ops.aten.convolution_backward(
+        gy, x, w, None, stride, padding, dilation, False, [0, 0], groups, [*need, False]
+    )
+
+
+_WRAPPERS: dict[str, Any] = {"masked_linear": LinearOps, "masked_conv2d": Conv2dOps}
+
+
+def wrap(op: str, ext: ModuleType) -> Any:
+    """The contract namespace for ``op`` over its extension; the raw extension for ops this
+    layer does not wrap (e.g. ``pgd_step``)."""
+    cls = _WRAPPERS.get(op)
+    return ext if cls is None else cls(ext)
+
+
+__all__ = ["SPARSE_DENSITY", "Conv2dOps", "LinearOps", "csr", "csr_t", "density", "pattern",
+           "wrap"]

@@ -1,0 +1,322 @@
+"""``sparse-adv-fast`` (also ``python -m sparse_adv_fast``): argument parsing and dispatch.
+
+Subcommands: ``demo`` (the resumable end-to-end pipeline), ``train``, ``prune``, ``iwi``,
+``eval``, ``bench`` and ``info``. The work lives in :mod:`sparse_adv_fast.pipeline`.
+Bad arguments exit with status 2 and a one-line message; failures while running (a corrupt
+file, unreadable data) exit with status 1 and a one-line message; ``--debug`` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+PROG = "sparse-adv-fast"
+DATASETS = ("digits", "mnist", "cifar10")
+MODELS = ("small_cnn", "mlp", "vgg16", "resnet18")
+
+
+class UsageError(ValueError):
+    """A bad command-line argument found after parsing (exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, no usage dump: the message and where to look.
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# ---- argument types -------------------------------------------------------------------------
+def _sparsity(text: str) -> float:
+    try:
+        s = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"sparsity must be a number, got {text!r}") from None
+    if not 0.0 <= s < 1.0:
+        raise argparse.ArgumentTypeError(f"sparsity must be in [0, 1), got {text}")
+    return s
+
+
+def _sparsities(text: str) -> tuple[float, ...]:
+    parts = [p for p in text.split(",") if p.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError("sparsities must be a comma-separated list, e.g. 0.5,0.8")
+    sp = tuple(_sparsity(p.strip()) for p in parts)
+    if any(b <= a for a, b in zip(sp, sp[1:], strict=False)):
+        raise argparse.ArgumentTypeError(f"sparsities must be strictly increasing, got {text}")
+    return sp
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return v
+
+
+def _eps(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"eps must be a number, got {text!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"eps must be in [0, 1] (inputs are in [0, 1]): {text}")
+    return v
+
+
+def _suites(text: str) -> tuple[str, ...]:
+    from .pipeline.commands import check_suites
+
+    try:
+        return check_suites(tuple(p.strip().lower() for p in text.split(",") if p.strip()))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+# ---- parser ---------------------------------------------------------------------------------
+def _common_train(p: argparse.ArgumentParser, *, method_default: str = "pgd") -> None:
+    p.add_argument("--method", choices=("natural", "pgd", "trades", "fgsm_rs"),
+                   default=method_default, help="training method (default: %(default)s)")
+    p.add_argument("--epochs", type=_positive_int, default=10, help="epochs (default: %(default)s)")
+    p.add_argument("--eps", type=_eps, default=None,
+                   help="L-inf radius (default: 0.1 digits, 0.3 mnist, 8/255 cifar10)")
+    p.add_argument("--lr", type=_positive_float, default=0.05, help="learning rate")
+    p.add_argument("--steps", type=_positive_int, default=10, help="attack steps in training")
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default=None, help="folder with mnist / cifar10 files")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``sparse-adv-fast`` argument parser (one subparser per command)."""
+    parser = _Parser(
+        prog=PROG,
+        description="Sparse, adversarially robust networks: train, prune, IWI, evaluate.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    d = sub.add_parser(
+        "demo", help="end-to-end, resumable: PGD-AT, IMP tickets, IWI, robustness table",
+        description="PGD-AT of a small CNN, IMP with rewinding to each sparsity, IWI (ticket "
+        "and 2x widen), then a robustness table, results.json/.md and plots in --out. Rerun "
+        "the same command to resume an interrupted run.",
+    )
+    d.add_argument("--quick", action="store_true", help="tiny settings (~20 s on 2 CPU cores)")
+    d.add_argument("--out", default="saf_out", help="output directory (default: %(default)s)")
+    d.add_argument("--fresh", action="store_true", help="discard finished stages, start over")
+    d.add_argument("--epochs", type=_positive_int, default=None,
+                   help="dense training epochs (retraining: 2/3 of it)")
+    d.add_argument("--sparsities", type=_sparsities, default=(0.5, 0.8, 0.9),
+                   help="IMP targets, comma-separated, increasing, each in [0, 1)")
+    d.add_argument("--method", choices=("pgd", "trades", "fgsm_rs"), default="pgd")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--dataset", choices=DATASETS, default="digits")
+    d.add_argument("--data-dir", default=None, help="folder with mnist / cifar10 files")
+    d.add_argument("--eps", type=_eps, default=None, help="L-inf radius (default per dataset)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    d.set_defaults(func=_demo)
+
+    t = sub.add_parser("train", help="train a model, save a checkpoint")
+    t.add_argument("--dataset", choices=DATASETS, default="digits")
+    t.add_argument("--model", choices=MODELS, default="small_cnn")
+    t.add_argument("--width", type=_positive_float, default=1, help="width multiplier")
+    t.add_argument("--out", default="model.pt", help="checkpoint file (default: %(default)s)")
+    _common_train(t)
+    t.set_defaults(func=_train)
+
+    p = sub.add_parser("prune", help="prune a saved model, save a checkpoint")
+    p.add_argument("checkpoint", help="model checkpoint (from train / prune / iwi)")
+    p.add_argument("--prune-method", "--by", dest="prune_method",
+                   choices=("magnitude", "imp", "hydra", "random"), default="magnitude")
+    p.add_argument("--sparsity", type=_sparsity, default=0.9, help="target fraction in [0, 1)")
+    p.add_argument("--scope", choices=("global", "layer"), default="global")
+    p.add_argument("--rounds", type=_positive_int, default=3, help="IMP rounds")
+    p.add_argument("--out", default="pruned.pt")
+    _common_train(p)
+    p.set_defaults(func=_prune)
+
+    w = sub.add_parser("iwi", help="Inverse Weights Inheritance, then adversarial training")
+    w.add_argument("source", help="source model checkpoint")
+    w.add_argument("--mode", choices=("ticket", "widen"), default="ticket")
+    w.add_argument("--width", type=_positive_float, default=None,
+                   help="target width (widen: default 2x the source's)")
+    w.add_argument("--init", choices=("zero", "noise"), default="zero",
+                   help="start of the weights not inherited")
+    w.add_argument("--out", default="iwi.pt")
+    _common_train(w)
+    w.set_defaults(func=_iwi)
+
+    e = sub.add_parser("eval", help="clean and robust accuracy of a saved model (JSON)")
+    e.add_argument("checkpoint")
+    e.add_argument("--attacks", type=_suites, default=("pgd20x5", "apgd"),
+                   help="comma-separated suites: pgd10, pgd20x5, pgd<k>x<r>, fgsm, apgd")
+    e.add_argument("--eps", type=_eps, default=None, help="L-inf radius (default per dataset)")
+    e.add_argument("--max-batches", type=_positive_int, default=None)
+    e.add_argument("--batch-size", type=_positive_int, default=128)
+    e.add_argument("--data-dir", default=None)
+    e.add_argument("--json", dest="json_out", default=None, help="write here, not to stdout")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=_eval)
+
+    b = sub.add_parser("bench", help="run benchmarks/ (source checkout) and print ratio tables")
+    b.add_argument("--json", dest="json_out", default=".benchmarks/saf_bench.json")
+    b.add_argument("pytest_args", nargs=argparse.REMAINDER,
+                   help="extra pytest arguments (e.g. -k masked_linear)")
+    b.set_defaults(func=_bench)
+
+    i = sub.add_parser("info", help="versions, devices and backends")
+    i.set_defaults(func=_info)
+    return parser
+
+
+# ---- dispatch -------------------------------------------------------------------------------
+def _check_data(dataset: str, data_dir: str | None) -> None:
+    from .pipeline.commands import check_data_dir
+
+    try:
+        check_data_dir(dataset, data_dir)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
+
+
+def _demo(a: argparse.Namespace) -> int:
+    from .pipeline import demo, report
+
+    _check_data(a.dataset, a.data_dir)
+    cfg = demo.DemoConfig.make(
+        quick=a.quick, dataset=a.dataset, data_dir=a.data_dir, epochs=a.epochs,
+        sparsities=a.sparsities, method=a.method, seed=a.seed, eps=a.eps,
+    )
+    results = demo.run_demo(cfg, a.out, fresh=a.fresh, progress=not a.no_progress)
+    print(report.table(results))
+    print()
+    print(report.legend(results))
+    print(f"\nwrote {a.out}/results.json, results.md, accuracy_vs_sparsity.png, "
+          "radius_vs_sparsity.png")
+    return 0
+
+
+def _train_kw(a: argparse.Namespace) -> dict[str, Any]:
+    return dict(epochs=a.epochs, eps=a.eps, lr=a.lr, steps=a.steps, batch_size=a.batch_size,
+                seed=a.seed, data_dir=a.data_dir, progress=not a.no_progress)
+
+
+def _train(a: argparse.Namespace) -> int:
+    from .pipeline import commands
+
+    _check_data(a.dataset, a.data_dir)
+    res = commands.train(dataset=a.dataset, model=a.model, width=a.width, method=a.method,
+                         out=a.out, **_train_kw(a))
+    print(f"saved {res['out']}")
+    return 0
+
+
+def _prune(a: argparse.Namespace) -> int:
+    from .pipeline import commands
+
+    res = commands.prune(checkpoint=a.checkpoint, method=a.prune_method, sparsity=a.sparsity,
+                         scope=a.scope, out=a.out, rounds=a.rounds, train_method=a.method,
+                         **_train_kw(a))
+    print(f"saved {res['out']} (sparsity {res['sparsity']:.4f})")
+    return 0
+
+
+def _iwi(a: argparse.Namespace) -> int:
+    from .pipeline import commands
+
+    res = commands.iwi(source=a.source, mode=a.mode, width=a.width, init=a.init, out=a.out,
+                       method=a.method, **_train_kw(a))
+    print(f"saved {res['out']} (width {res['width']:g})")
+    return 0
+
+
+def _eval(a: argparse.Namespace) -> int:
+    from .pipeline import commands
+
+    res = commands.evaluate(checkpoint=a.checkpoint, attacks=a.attacks, eps=a.eps,
+                            max_batches=a.max_batches, batch_size=a.batch_size,
+                            data_dir=a.data_dir, progress=not a.no_progress)
+    commands.dump_json(res, a.json_out)
+    return 0
+
+
+def _bench(a: argparse.Namespace) -> int:
+    from .pipeline import commands
+
+    try:
+        commands.benchmarks_dir()
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
+    extra = [x for x in a.pytest_args if x != "--"]
+    return commands.bench(json_out=a.json_out, extra=extra)
+
+
+def _info(a: argparse.Namespace) -> int:
+    from . import info
+
+    info.main()
+    return 0
+
+
+def _runtime_errors() -> tuple[type[BaseException], ...]:
+    from .checkpoint import CheckpointError
+    from .pipeline.stages import StageError
+
+    return (CheckpointError, StageError, ValueError, TypeError, FileNotFoundError, OSError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``sparse-adv-fast``; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    prog = f"{PROG} {args.cmd}"
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as e:
+        if args.debug:
+            raise
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into `head` and closed early: not an error
+        return 0
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except _runtime_errors() as e:
+        if args.debug:
+            raise
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""The ``sparse-adv-fast`` command line: help, argument errors, train -> prune -> iwi -> eval."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sparse_adv_fast as saf
+from sparse_adv_fast import cli
+from sparse_adv_fast.pipeline import commands, modelio
+
+COMMANDS = ("demo", "train", "prune", "iwi", "eval", "bench", "info")
+
+
+def _run(capsys, *argv):
+    """``cli.main(argv)`` -> (exit status, stdout, stderr), SystemExit included."""
+    try:
+        rc = cli.main(list(argv))
+    except SystemExit as e:
+        rc = e.code
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+@pytest.mark.parametrize("cmd", COMMANDS)
+def test_every_command_has_help(capsys, cmd):
+    rc, out, _ = _run(capsys, cmd, "--help")
+    assert rc == 0 and out.startswith(f"usage: sparse-adv-fast {cmd}")
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["train", "--dataset", "imagenet"], "invalid choice: 'imagenet'"),
+        (["demo", "--sparsities", "0.5,1.0"], "sparsity must be in [0, 1), got 1.0"),
+        (["demo", "--sparsities", "0.8,0.5"], "strictly increasing"),
+        (["prune", "m.pt", "--sparsity", "-0.1"], "sparsity must be in [0, 1)"),
+        (["prune", "m.pt", "--sparsity", "abc"], "sparsity must be a number"),
+        (["train", "--epochs", "0"], "expected a positive integer"),
+        (["train", "--eps", "3"], "eps must be in [0, 1]"),
+        (["eval", "m.pt", "--attacks", "pgd20x5,cw"], "unknown attack suite(s) ['cw']"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(capsys, argv, words):
+    rc, out, err = _run(capsys, *argv)
+    assert rc == 2
+    assert words in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_missing_data_dir_exits_2_before_any_work(capsys, tmp_path):
+    missing = tmp_path / "nope"
+    rc, _, err = _run(capsys, "train", "--dataset", "mnist", "--data-dir", str(missing),
+                      "--out", str(tmp_path / "m.pt"))
+    assert rc == 2 and str(missing) in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "m.pt").exists()
+    rc, _, err = _run(capsys, "demo", "--dataset", "cifar10", "--data-dir", str(missing),
+                      "--out", str(tmp_path / "o"))
+    assert rc == 2 and "does not exist" in err and not (tmp_path / "o").exists()
+
+
+def test_module_entry_point_prints_no_traceback(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "sparse_adv_fast", "prune", str(tmp_path / "absent.pt"),
+         "--out", str(tmp_path / "p.pt")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert r.returncode == 1, r.stderr
+    assert "absent.pt' does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_without_a_source_checkout_says_so(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(commands, "SOURCE_ROOT", tmp_path)
+    rc, _, err = _run(capsys, "bench")
+    assert rc == 2 and "no benchmarks/ folder" in err and "source checkout" in err
+
+
+def test_info_prints_backends(capsys):
+    rc, out, _ = _run(capsys, "info")
+    assert rc == 0 and "backends:" in out and "torch" in out
+
+
+def test_not_a_model_checkpoint_is_a_clear_error(capsys, tmp_path):
+    p = tmp_path / "x.pt"
+    torch.save({"weights": torch.zeros(2)}, p)
+    rc, _, err = _run(capsys, "eval", str(p), "--attacks", "fgsm")
+    assert rc == 1 and "not a sparse-adv-fast model checkpoint" in err
+
+
+def test_imp_schedule_reaches_the_target_geometrically():
+    assert commands.imp_schedule(0.875, 3) == pytest.approx((0.5, 0.75, 0.875))
+    assert commands.imp_schedule(0.9, 1) == pytest.approx((0.9,))
+
+
+def test_train_prune_iwi_eval_chain(capsys, tmp_path):
+    m, p, w = (str(tmp_path / n) for n in ("m.pt", "p.pt", "w.pt"))
+    quick = ["--method", "natural", "--epochs", "1", "--no-progress"]
+    assert _run(capsys, "train", "--out", m, *quick)[0] == 0
+    net, blob = modelio.load_model(m)
+    assert blob["arch"] == {"name": "small_cnn", "dataset": "digits", "width": 1,
+                            "masked": False}
+
+    rc, out, err = _run(capsys, "prune", m, "--sparsity", "0.75", "--out", p)
+    assert rc == 0, err
+    pruned, blob = modelio.load_model(p)
+    assert blob["arch"]["masked"] is True
+    assert saf.sparsity(pruned) == pytest.approx(0.75, abs=1e-3)
+    # magnitude pruning kept the largest weights of the trained model, unchanged
+    for name, layer in saf.nn.masked_layers(pruned).items():
+        ref = net.get_submodule(name).weight
+        assert torch.equal(layer.weight[layer.weight_mask], ref[layer.weight_mask])
+
+    rc, out, err = _run(capsys, "iwi", m, "--mode", "widen", "--out", w, *quick)
+    assert rc == 0, err
+    wide, blob = modelio.load_model(w)
+    assert blob["arch"]["width"] == 2 and blob["meta"]["iwi_mode"] == "widen"
+    assert sum(t.numel() for t in wide.parameters()) > 2 * sum(t.numel() for t in net.parameters())
+
+    rc, out, err = _run(capsys, "eval", p, "--attacks", "fgsm", "--max-batches", "1",
+                        "--no-progress")
+    assert rc == 0, err
+    res = json.loads(out)
+    assert res["sparsity"] == pytest.approx(0.75, abs=0.01) and res["eps"] == 0.1
+    assert 0.0 <= res["robust"]["fgsm"] <= res["clean"] <= 1.0 and res["n"] == 128

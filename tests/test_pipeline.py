@@ -1,0 +1,239 @@
+"""The resumable stage runner, model checkpoints, the report and the demo end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import sparse_adv_fast as saf
+from sparse_adv_fast import cli
+from sparse_adv_fast.pipeline import modelio, plots, report
+from sparse_adv_fast.pipeline.demo import DemoConfig, imp_name
+from sparse_adv_fast.pipeline.stages import StageError, StageRunner
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+# ---- stage runner ---------------------------------------------------------------------------
+class Counter:
+    def __init__(self, value):
+        self.calls = 0
+        self.value = value
+
+    def __call__(self):
+        self.calls += 1
+        return self.value
+
+
+def _runner(tmp_path, logs=None, **kw):
+    log = (lambda m: None) if logs is None else logs.append
+    return StageRunner(tmp_path, config=kw.pop("config", {"a": 1}), log=log, **kw)
+
+
+def test_stage_runs_once_and_is_loaded_on_rerun(tmp_path):
+    fn = Counter({"x": torch.arange(3), "v": 1.5})
+    r1 = _runner(tmp_path)
+    assert r1.run("s1", fn)["v"] == 1.5
+    logs: list[str] = []
+    r2 = _runner(tmp_path, logs)
+    out = r2.run("s1", fn)
+    assert fn.calls == 1
+    assert torch.equal(out["x"], torch.arange(3))
+    assert r2.skipped == ["s1"] and r2.ran == []
+    assert any("s1" in m and "skipped" in m for m in logs)
+
+
+def test_fresh_discards_finished_stages_but_not_other_files(tmp_path):
+    fn = Counter(1)
+    _runner(tmp_path).run("s1", fn)
+    (tmp_path / "notes.txt").write_text("mine")
+    r = _runner(tmp_path, fresh=True)
+    assert not r.done("s1")
+    r.run("s1", fn)
+    assert fn.calls == 2
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_failed_stage_saves_nothing_and_reruns(tmp_path):
+    r = _runner(tmp_path)
+
+    def boom():
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        r.run("s1", boom)
+    assert not r.done("s1")
+    assert not [p for p in r.stage_dir.iterdir() if p.name.startswith(".")]  # no temp left
+
+
+def test_corrupt_stage_file_is_a_clear_error_naming_it(tmp_path):
+    r = _runner(tmp_path)
+    r.run("s1", Counter(1))
+    path = r.path("s1")
+    path.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(StageError, match=r"stage file .*s1\.pt is corrupt.*--fresh"):
+        _runner(tmp_path).run("s1", Counter(2))
+
+
+def test_foreign_file_under_a_stage_name_is_rejected(tmp_path):
+    r = _runner(tmp_path)
+    saf_ckpt = pytest.importorskip("sparse_adv_fast.checkpoint")
+    saf_ckpt.save_atomic({"stage": "other", "result": 1}, r.path("s1"))
+    with pytest.raises(StageError, match="not a result of stage 's1'"):
+        r.run("s1", Counter(2))
+
+
+def test_other_settings_in_the_same_dir_are_refused(tmp_path):
+    _runner(tmp_path, config={"epochs": 3}).run("s1", Counter(1))
+    with pytest.raises(StageError, match=r"other settings \(epochs: 3 -> 4\).*--fresh"):
+        _runner(tmp_path, config={"epochs": 4})
+    assert _runner(tmp_path, config={"epochs": 4}, fresh=True).ran == []
+
+
+def test_bad_stage_names_and_config_are_rejected(tmp_path):
+    with pytest.raises(TypeError, match="config must be a dict"):
+        StageRunner(tmp_path, config=[1])
+    r = _runner(tmp_path)
+    with pytest.raises(ValueError, match="stage name"):
+        r.run("../evil", Counter(1))
+
+
+def test_out_path_that_is_a_file_is_an_error(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(StageError, match="not a directory"):
+        StageRunner(f, config={})
+
+
+# ---- model checkpoints ----------------------------------------------------------------------
+def test_model_checkpoint_round_trip_keeps_masks_and_arch(tmp_path):
+    arch = modelio.arch_spec("small_cnn", "digits", 1)
+    net = saf.sparsify(modelio.build(arch))
+    saf.prune.magnitude(net, 0.7)
+    modelio.save_model(net, arch, tmp_path / "m.pt", note="x")
+    back, blob = modelio.load_model(tmp_path / "m.pt")
+    assert blob["arch"]["masked"] is True and blob["meta"] == {"note": "x"}
+    assert saf.sparsity(back) == pytest.approx(saf.sparsity(net))
+    for (k, a), (k2, b) in zip(net.state_dict().items(), back.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(a, b)
+    x = torch.rand(4, 1, 8, 8)
+    assert torch.equal(net.eval()(x), back.eval()(x))
+
+
+def test_non_model_checkpoint_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="not a sparse-adv-fast model checkpoint"):
+        modelio.from_blob({"state_dict": {}}, where="checkpoint 'x.pt'")
+
+
+# ---- report and plots -----------------------------------------------------------------------
+def _fake_results():
+    rows = [
+        report.make_row(name, {
+            "sparsity": sp, "clean": 0.9 - sp / 10, "robust": {"pgd20x5": 0.5, "apgd-ce": 0.4},
+            "worst_case": 0.4, "n": 100, "params": 10,
+            "metrics": {"first_order_radius": {"median": 0.05 + sp / 100, "mean": 0.06}},
+        })
+        for name, sp in [("dense", 0.0), ("imp_50", 0.5), ("iwi_ticket", 0.0),
+                         ("iwi_widen2x", 0.1)]
+    ]
+    cfg = DemoConfig.make().as_dict()
+    return report.results_dict(cfg, rows, ran=[], skipped=[], seconds=1.0)
+
+
+def test_markdown_table_has_every_row_and_explains_columns():
+    md = report.markdown(_fake_results())
+    lines = md.splitlines()
+    header = next(line for line in lines if line.startswith("| model"))
+    assert "pgd20x5 %" in header and "apgd-ce %" in header and "worst case %" in header
+    assert sum(line.startswith("| ") for line in lines) == 2 + 4 - 1  # header + 4 rows
+    assert "| IMP ticket 50% | 50.0 | 85.0 | 50.0 | 40.0 | 40.0 | 0.0550 |" in md
+    for words in ("test split", "eps = 0.1", "fraction of exactly-zero weights",
+                  "margin divided by the dual norm"):
+        assert words in md
+
+
+def test_plots_are_png_files(tmp_path):
+    paths = plots.write_all(_fake_results(), tmp_path)
+    assert [p.name for p in paths] == list(plots.PLOTS)
+    for p in paths:
+        assert p.read_bytes()[:8] == PNG
+
+
+def test_demo_config_validates_and_names_rows():
+    c = DemoConfig.make(quick=True, sparsities=(0.5, 0.875))
+    assert c.row_names() == ["dense", "imp_50", "imp_87.5", "iwi_ticket", "iwi_widen2x"]
+    assert imp_name(0.9) == "imp_90"
+    with pytest.raises(ValueError, match=r"in \[0, 1\)"):
+        DemoConfig.make(sparsities=(0.5, 1.0))
+    with pytest.raises(ValueError, match="strictly increasing"):
+        DemoConfig.make(sparsities=(0.8, 0.5))
+    with pytest.raises(ValueError, match="method"):
+        DemoConfig.make(method="sgd")
+
+
+# ---- the demo, end to end -------------------------------------------------------------------
+def _demo(out, *extra):
+    return cli.main(["demo", "--quick", "--out", str(out), "--no-progress", *extra])
+
+
+@pytest.mark.slow
+def test_demo_quick_end_to_end_resumes_and_restarts(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _demo(out) == 0
+    first = capsys.readouterr()
+    assert "| model" in first.out  # the table is printed
+    res = json.loads((out / "results.json").read_text())
+    cfg = DemoConfig.make(quick=True)
+    assert [r["model"] for r in res["rows"]] == cfg.row_names()
+    for r in res["rows"]:
+        for v in (r["clean"], r["worst_case"], r["sparsity"], *r["robust"].values()):
+            assert 0.0 <= v <= 1.0, r
+        assert r["worst_case"] <= min(r["robust"].values()) <= r["clean"]
+        assert math.isfinite(r["first_order_radius_median"])
+    by = {r["model"]: r for r in res["rows"]}
+    for s in cfg.sparsities:  # each ticket reaches its target sparsity (to rounding)
+        assert by[imp_name(s)]["sparsity"] == pytest.approx(s, abs=0.01)
+    assert by["dense"]["sparsity"] < 0.01 and by["iwi_ticket"]["sparsity"] < 0.5
+    assert by["dense"]["clean"] > 0.5  # it learned something
+    md = (out / "results.md").read_text()
+    assert "first-order robustness radius" in md
+    for p in plots.PLOTS:
+        assert (out / p).read_bytes()[:8] == PNG
+    stages = sorted(p.name for p in (out / "stages").glob("*.pt"))
+    assert "dense.pt" in stages and not [s for s in stages if "partial" in s]
+
+    # Rerunning resumes: every stage is loaded, nothing is retrained, same table.
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "stages").glob("*.pt")}
+    assert _demo(out) == 0
+    second = capsys.readouterr()
+    res2 = json.loads((out / "results.json").read_text())
+    assert res2["stages_ran"] == [] and set(res2["stages_skipped"]) == set(res["stages_ran"])
+    assert "stage dense: done earlier, skipped" in second.err
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    assert res2["rows"] == res["rows"]
+
+    # A stage deleted (as if killed before it finished) is the only one redone.
+    (out / "stages" / "eval_iwi_ticket.pt").unlink()
+    assert _demo(out) == 0
+    capsys.readouterr()
+    res3 = json.loads((out / "results.json").read_text())
+    assert res3["stages_ran"] == ["eval_iwi_ticket"]
+    assert res3["rows"] == res["rows"]  # stage seeds make the redone stage identical
+
+    # A corrupt stage file: exit 1, one line naming the file.
+    bad = out / "stages" / "imp_80.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert _demo(out) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 or "Traceback" not in "\n".join(err)
+    assert "imp_80.pt" in err[-1] and "corrupt" in err[-1]
+
+    # Other settings in the same dir are refused; --fresh starts over.
+    assert _demo(out, "--seed", "1") == 1
+    assert "other settings" in capsys.readouterr().err
+    assert _demo(out, "--fresh") == 0
+    res4 = json.loads((out / "results.json").read_text())
+    assert res4["stages_skipped"] == [] and set(res4["stages_ran"]) == set(res["stages_ran"])
