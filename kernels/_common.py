@@ -2,7 +2,8 @@
 
 Autotuning runs every config of a kernel, which under ``TRITON_INTERPRET=1`` (CPU, numpy)
 takes seconds per shape; there the kernels launch with one small fixed config instead.
-The choice is made once, at import, because triton itself reads the variable at import.
+The choice is made once, at import: ``@triton.jit`` reads the variable when it decorates a
+kernel, so a kernel module is interpreted or compiled for its whole life.
 """
 
 from __future__ import annotations
@@ -36,6 +37,18 @@ def check_dtype(t: torch.Tensor, op: str) -> None:
             f"{op} (triton): dtype {t.dtype} is not supported; use one of "
             f"{', '.join(str(d) for d in _TL_DTYPES)}"
         )
+
+
+def check_int32_indexable(op: str, *tensors: torch.Tensor | None) -> None:
+    """Raise ValueError for a tensor whose element offsets overflow the GEMMs' int32 indexing."""
+    for t in tensors:
+        if t is None or not t.numel():
+            continue
+        if sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(), strict=True)) >= 2**31:
+            raise ValueError(
+                f"{op} (triton): a {tuple(t.shape)} operand spans 2**31 or more elements, "
+                "beyond the kernels' int32 offsets; split the batch"
+            )
 
 
 def acc_dtype(dtype: torch.dtype) -> tl.dtype:

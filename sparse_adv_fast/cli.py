@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="saf_out", help="output directory (default: %(default)s)")
     d.add_argument("--fresh", action="store_true", help="discard finished stages, start over")
     d.add_argument("--epochs", type=_positive_int, default=None,
-                   help="dense training epochs (retraining: 2/3 of it)")
+                   help="dense training epochs (each retraining: half of it)")
     d.add_argument("--sparsities", type=_sparsities, default=(0.5, 0.8, 0.9),
                    help="IMP targets, comma-separated, increasing, each in [0, 1)")
     d.add_argument("--method", choices=("pgd", "trades", "fgsm_rs"), default="pgd")

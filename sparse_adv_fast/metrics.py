@@ -93,7 +93,8 @@ def robustness_report(
     * ``weight_norms``: per-layer L1 / L2 (Frobenius) norms of the weights and their
       products over layers (a crude Lipschitz proxy);
     * ``robust_accuracy`` (only with ``attack``, a callable ``atk(x, y) -> x_adv``);
-    * ``norm`` (and ``eps`` when given), echoing the settings.
+    * ``norm`` (and ``eps`` and ``certified_fraction_note`` when ``eps`` is given), echoing
+      the settings and saying in the JSON that the fraction is an estimate.
 
     ``norm`` is the threat model, "linf" or "l2". The model runs in eval mode with
     parameter grads off; both are restored.
@@ -136,6 +137,10 @@ def robustness_report(
         if eps is not None:
             report["certified_fraction_at_eps"] = float((radius >= eps).float().mean())
             report["eps"] = float(eps)
+            report["certified_fraction_note"] = (
+                "first-order estimate (margin / dual norm of the input gradient), "
+                "not a certificate"
+            )
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)

@@ -60,13 +60,13 @@ def small_cnn(
     return nn.Sequential(
         _normalize(in_channels, mean, std),
         nn.Conv2d(in_channels, c1, 3, padding=1),
-        nn.ReLU(inplace=True),
+        nn.ReLU(),
         nn.Conv2d(c1, c2, 3, padding=1),
-        nn.ReLU(inplace=True),
+        nn.ReLU(),
         nn.MaxPool2d(2),
         nn.Flatten(),
         nn.Linear(c2 * side * side, h),
-        nn.ReLU(inplace=True),
+        nn.ReLU(),
         nn.Linear(h, num_classes),
     )
 
@@ -81,7 +81,7 @@ def mlp(
     prev = in_channels * image_size * image_size
     for base in hidden:
         h = _ch(base, width)
-        layers += [nn.Linear(prev, h), nn.ReLU(inplace=True)]
+        layers += [nn.Linear(prev, h), nn.ReLU()]
         prev = h
     layers.append(nn.Linear(prev, num_classes))
     return nn.Sequential(*layers)
@@ -108,7 +108,7 @@ class VGG(nn.Module):
                 continue
             c = _ch(int(v), width)
             layers += [nn.Conv2d(prev, c, 3, padding=1, bias=False), nn.BatchNorm2d(c),
-                       nn.ReLU(inplace=True)]
+                       nn.ReLU()]
             prev = c
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -136,7 +136,7 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = nn.ReLU()
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(
@@ -160,7 +160,7 @@ class ResNet(nn.Module):
         c0 = _ch(64, width)
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, c0, 3, 1, 1, bias=False), nn.BatchNorm2d(c0),
-            nn.ReLU(inplace=True),
+            nn.ReLU(),
         )
         stages: list[nn.Module] = []
         prev = c0

@@ -11,6 +11,8 @@ try:
 
     if not _torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    else:  # tests cover many tiny shapes: one fixed config, no autotuning per shape
+        os.environ.setdefault("SAF_TRITON_AUTOTUNE", "0")
 except ImportError:  # pragma: no cover
     pass
 

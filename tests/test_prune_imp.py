@@ -113,6 +113,23 @@ def test_default_rewinds_to_state_at_call_and_resume_matches_full_run():
             assert torch.equal(a.state_dict[k], b.state_dict[k])
 
 
+def test_layer_scope_and_ticket_checkpoint_round_trip(tmp_path):
+    model = saf.sparsify(_net())
+    train, _ = _trainer()
+    saved = []
+    tickets = saf.prune.imp(model, train, sparsities=(0.5, 0.75), scope="layer",
+                            on_ticket=lambda t: saved.append(t.to_dict()))
+    for t in tickets:
+        for m in t.masks.values():
+            assert int((~m).sum()) == round(t.sparsity * m.numel())
+    torch.save(saved, tmp_path / "tickets.pt")
+    loaded = [Ticket.from_dict(d) for d in torch.load(tmp_path / "tickets.pt", weights_only=True)]
+    assert [t.sparsity for t in loaded] == [0.5, 0.75]
+    for a, b in zip(tickets, loaded, strict=True):
+        assert all(torch.equal(a.masks[k], b.masks[k]) for k in a.masks)
+        assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+
+
 def test_rewind_fn_is_called_and_masks_kept():
     model = saf.sparsify(_net())
     zero = {k: torch.zeros_like(v) if v.is_floating_point() else v.clone()

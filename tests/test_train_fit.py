@@ -137,15 +137,15 @@ def test_rewind_state_is_the_state_at_iteration_k():
 
 
 def test_pruned_weights_stay_zero_through_pgd_at():
-    model, (tr, te) = _tiny()
+    model, (tr, _) = _tiny()
     saf.sparsify(model)
     layers = saf.nn.masked_layers(model)
     gen = torch.Generator().manual_seed(0)
     for layer in layers.values():
         layer.set_mask(torch.rand(layer.weight.shape, generator=gen) > 0.6)
     masks = {n: m.weight_mask.clone() for n, m in layers.items()}
-    h = fit(model, (tr, te), "pgd", epochs=2, lr=0.05, weight_decay=5e-3, steps=2,
-            progress=False, max_batches=2, val_batches=1, val_steps=1)
+    h = fit(model, (tr, None), "pgd", epochs=2, lr=0.05, weight_decay=5e-3, steps=1,
+            progress=False, max_batches=2)
     assert len(h) == 2
     for n, layer in saf.nn.masked_layers(model).items():
         assert torch.equal(layer.weight_mask, masks[n])

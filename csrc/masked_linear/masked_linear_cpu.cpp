@@ -57,7 +57,7 @@ template <typename T>
 void spmm_xAt(const int64_t* rowptr, const int32_t* col, const T* val, int64_t R,
               const T* xT, int64_t B, const T* bias, T* y) {
   constexpr int RB = 16;
-  constexpr int BC = 64;
+  constexpr int BC = 32;
   const int64_t nrb = (R + RB - 1) / RB, nbc = (B + BC - 1) / BC;
 #pragma omp parallel for collapse(2) schedule(dynamic, 1)
   for (int64_t cb = 0; cb < nbc; ++cb) {

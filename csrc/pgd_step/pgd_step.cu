@@ -403,7 +403,6 @@ dim3 sample_grid(const Plan& plan, int64_t b) {
 
 template <typename T>
 LinfParams<T> linf_params(double alpha, double eps, double lo, double hi) {
-  using A = typename Tr<T>::A;
   LinfParams<T> p;
   // torch stores alpha*sign(g) in the tensor's dtype: round alpha via opmath to storage.
   p.step = Tr<T>::from_double(alpha);

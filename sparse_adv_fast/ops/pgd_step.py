@@ -14,6 +14,8 @@ batch in dim 0; ``out`` may be ``x_adv`` itself for the in-place form):
 
 The functions below with those names are the pure-torch reference (CPU fallback, oracle);
 the L∞ reference fixes the float operation order that every backend reproduces exactly.
+Native kernels treat a NaN gradient entry as sign 0 (torch's ``sign`` gives NaN), so a NaN
+gradient never poisons the iterate; inputs themselves are checked for NaN by the attacks.
 """
 
 from __future__ import annotations

@@ -24,6 +24,20 @@ class Ticket:
     masks: dict[str, Tensor]
     state_dict: dict[str, Tensor]
 
+    def to_dict(self) -> dict[str, object]:
+        """Plain dict of floats and tensors: ``torch.save`` it, ``torch.load`` it with
+        ``weights_only=True``, rebuild with :meth:`from_dict`."""
+        return {"sparsity": float(self.sparsity), "masks": dict(self.masks),
+                "state_dict": dict(self.state_dict)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, object]) -> Ticket:
+        """The Ticket saved by :meth:`to_dict`."""
+        missing = {"sparsity", "masks", "state_dict"} - set(d)
+        if missing:
+            raise ValueError(f"Ticket.from_dict: missing keys {sorted(missing)}")
+        return cls(float(d["sparsity"]), dict(d["masks"]), dict(d["state_dict"]))  # type: ignore[arg-type]
+
     @property
     def achieved(self) -> float:
         """Fraction of weights pruned by ``masks``."""
