@@ -169,8 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--mode", choices=("ticket", "widen"), default="ticket")
     w.add_argument("--width", type=_positive_float, default=None,
                    help="target width (widen: default 2x the source's)")
-    w.add_argument("--init", choices=("zero", "noise"), default="zero",
-                   help="start of the weights not inherited")
+    w.add_argument("--init", choices=("zero", "noise", "preserve"), default=None,
+                   help="start of the weights not inherited (default: zero for ticket, "
+                   "preserve for widen: same function, new units trainable)")
     w.add_argument("--out", default="iwi.pt")
     _common_train(w)
     w.set_defaults(func=_iwi)

@@ -206,6 +206,10 @@ def test_bad_batch_raises(x, y, match):
         with pytest.raises(ValueError, match=match):
             fn()
     assert model.calls <= 4  # at most the one label-range forward per attack; no steps
+    with pytest.raises(ValueError, match="^fgsm: "):  # errors name the entry point called
+        fgsm(model, x, y, eps=0.1)
+    with pytest.raises(ValueError, match="^apgd: "):
+        apgd(model, x, y, eps=0.1)
 
 
 def test_dlr_needs_three_classes_and_callables_reject_unknown_options():

@@ -61,6 +61,19 @@ def test_fgsm_and_pgd_reach_closed_form_optimum(loss):
     assert torch.equal(got, expected)
 
 
+def test_l2_fgsm_and_pgd_reach_closed_form_optimum():
+    # The L2 loss-maximiser of a linear margin is the ball's point along -w (label 1).
+    model, w = binary_linear()
+    x = 0.3 + 0.4 * torch.rand(5, 12)
+    y = torch.tensor([1, 0, 1, 0, 1])
+    eps = 0.2  # |delta_i| <= eps < 0.3: clipping inactive
+    unit = w / w.norm()
+    expected = x + eps * torch.where(y[:, None] == 1, -unit, unit)
+    assert_close(fgsm(model, x, y, eps=eps, norm="l2"), expected)
+    got = pgd(model, x, y, eps=eps, alpha=eps / 3, steps=5, norm="l2", random_start=False)
+    assert_close(got, expected)
+
+
 def test_pgd_targeted_moves_toward_target_on_linear_model():
     model, w = binary_linear()
     x = 0.3 + 0.4 * torch.rand(4, 12)

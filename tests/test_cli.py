@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -14,6 +15,13 @@ from sparse_adv_fast import cli
 from sparse_adv_fast.pipeline import commands, modelio
 
 COMMANDS = ("demo", "train", "prune", "iwi", "eval", "bench", "info")
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend():
+    # What is tested here is the pipeline, not the kernels: the torch reference ops avoid
+    # building native extensions inside these tests (conftest restores the choice).
+    saf.backends.use("torch")
 
 
 def _run(capsys, *argv):
@@ -68,6 +76,7 @@ def test_module_entry_point_prints_no_traceback(tmp_path):
         [sys.executable, "-m", "sparse_adv_fast", "prune", str(tmp_path / "absent.pt"),
          "--out", str(tmp_path / "p.pt")],
         capture_output=True, text=True, timeout=120,
+        env={**os.environ, "SPARSE_ADV_FAST_BACKEND": "torch"},
     )
     assert r.returncode == 1, r.stderr
     assert "absent.pt' does not exist" in r.stderr and "Traceback" not in r.stderr

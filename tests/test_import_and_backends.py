@@ -72,7 +72,7 @@ def test_auto_falls_back_to_torch_with_one_log_line(monkeypatch, caplog):
 
     monkeypatch.setattr(backends._cpp, "loader", broken)
     monkeypatch.setattr(backends._cpp, "unavailable_reason", lambda: None)
-    monkeypatch.setattr(backends, "_warned", set())
+    backends.reset()
     caplog.set_level("INFO", logger="sparse_adv_fast")
     x, w = torch.randn(2, 3), torch.randn(4, 3)
     m = torch.rand(4, 3) > 0.5
@@ -81,6 +81,7 @@ def test_auto_falls_back_to_torch_with_one_log_line(monkeypatch, caplog):
     torch.testing.assert_close(y, ml_mod.reference(x, w, m))
     lines = [r for r in caplog.records if "compiler exploded" in r.getMessage()]
     assert len(lines) == 1
+    backends.reset()
 
 
 def test_info_prints_versions_and_backends():

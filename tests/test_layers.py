@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -173,3 +175,20 @@ def test_op_input_errors_name_the_problem():
         saf.ops.masked_linear(x.double(), w, torch.ones(4, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="4-D"):
         saf.ops.masked_conv2d(x, torch.randn(2, 3, 1, 1), torch.ones(2, 3, 1, 1, dtype=torch.bool))
+
+
+def test_inplace_relu_after_masked_layers_backpropagates():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(inplace=True), nn.Flatten(),
+                          nn.Linear(2 * 4 * 4, 6), nn.ReLU(inplace=True), nn.Linear(6, 3))
+    ref_model = copy.deepcopy(model)
+    saf.sparsify(model)
+    x = torch.randn(2, 1, 6, 6, requires_grad=True)
+    out = model(x)
+    out.sum().backward()
+    xr = x.detach().clone().requires_grad_(True)
+    ref_model(xr).sum().backward()
+    assert_close(x.grad, xr.grad)
+    assert_close(model[3].weight.grad, ref_model[3].weight.grad)
+    y3 = saf.ops.masked_linear(torch.randn(2, 3, 4), torch.randn(5, 4),
+                               torch.ones(5, 4, dtype=torch.bool))
+    assert y3._base is None and y3.shape == (2, 3, 5)

@@ -17,6 +17,13 @@ from sparse_adv_fast.pipeline.stages import StageError, StageRunner
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.fixture(autouse=True)
+def _torch_backend():
+    # What is tested here is the pipeline, not the kernels: the torch reference ops avoid
+    # building native extensions inside these tests (conftest restores the choice).
+    saf.backends.use("torch")
+
+
 # ---- stage runner ---------------------------------------------------------------------------
 class Counter:
     def __init__(self, value):

@@ -157,7 +157,14 @@ def test_pruned_weights_stay_zero_through_pgd_at():
 def test_small_cnn_natural_reaches_90_percent_on_digits():
     torch.manual_seed(0)
     model = models.build("small_cnn", "digits")
-    tr, te = data.loaders("digits", batch_size=64)
-    h = fit(model, (tr, te), "natural", epochs=4, lr=0.05, progress=False, co_check=False,
+    tr, te = data.loaders("digits", batch_size=32)
+    h = fit(model, (tr, te), "natural", epochs=2, lr=3e-3, optimizer="adam", progress=False,
             val_batches=1, val_steps=1)
     assert h.val_clean_acc[-1] > 0.9
+
+
+def test_progress_bar_and_explicit_device(capsys):
+    model, (tr, _) = _tiny()
+    fit(model, (tr, None), "natural", epochs=1, progress=True, max_batches=2, device="cpu")
+    err = capsys.readouterr().err
+    assert "natural 1/1" in err and "2/2" in err

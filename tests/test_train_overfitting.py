@@ -71,7 +71,7 @@ def test_fit_rolls_back_and_stops_on_collapse(tmp_path):
     assert h.val_pgd_acc == [0.40, 0.45, 0.44, 0.05]
     for k, v in states[2].items():  # the model is the best epoch's, not the last one's
         assert torch.equal(model.state_dict()[k], v), k
-    assert not all(torch.equal(states[4][k], v) for k, v in states[2].items())
+    assert not all(torch.equal(states[3][k], v) for k, v in states[2].items())
     assert any("catastrophic overfitting at epoch 4" in m for m in logs)
     assert h.as_dict()["co_detected_epoch"] == 4
     # resuming a stopped run does not train on

@@ -23,20 +23,48 @@ void transpose(const T* src, T* dst, int64_t rows, int64_t cols) {
   }
 }
 
-// One CSR row times a BC-wide slab of xT, accumulated in registers (BC fixed so the
-// compiler keeps `a` in vector registers across the whole row).
+// One CSR row times a BC-wide slab of xT. Accumulators are explicit 32-byte vectors (GCC
+// vector extensions: AVX on x86, pairs of SSE/NEON registers elsewhere) kept in registers,
+// and two nonzeros are processed per step into separate accumulators so the FMA latency
+// chains overlap; the slab width keeps xT's slab (K x BC) resident in L2.
 template <typename T, int BC>
 inline void row_slab(const int64_t* rowptr, const int32_t* col, const T* val, int64_t r,
                      const T* xT, int64_t B, int64_t b0, T* out) {
-  T a[BC];
-  for (int j = 0; j < BC; ++j) a[j] = T(0);
-  for (int64_t k = rowptr[r]; k < rowptr[r + 1]; ++k) {
-    const T v = val[k];
-    const T* xr = xT + static_cast<int64_t>(col[k]) * B + b0;
-#pragma omp simd
-    for (int j = 0; j < BC; ++j) a[j] += v * xr[j];
+  typedef T V __attribute__((vector_size(32)));
+  constexpr int VL = 32 / sizeof(T), NV = BC / VL;
+  static_assert(BC % VL == 0, "slab must be a whole number of vectors");
+  V a0[NV], a1[NV];
+  for (int q = 0; q < NV; ++q) a0[q] = a1[q] = V{} ;
+  int64_t k = rowptr[r];
+  const int64_t k1 = rowptr[r + 1];
+  for (; k + 1 < k1; k += 2) {
+    const T* xr0 = xT + static_cast<int64_t>(col[k]) * B + b0;
+    const T* xr1 = xT + static_cast<int64_t>(col[k + 1]) * B + b0;
+    const T v0 = val[k], v1 = val[k + 1];
+#pragma GCC unroll 16
+    for (int q = 0; q < NV; ++q) {
+      V x0, x1;
+      __builtin_memcpy(&x0, xr0 + q * VL, sizeof(V));
+      __builtin_memcpy(&x1, xr1 + q * VL, sizeof(V));
+      a0[q] += v0 * x0;
+      a1[q] += v1 * x1;
+    }
   }
-  for (int j = 0; j < BC; ++j) out[j] = a[j];
+  if (k < k1) {
+    const T* xr0 = xT + static_cast<int64_t>(col[k]) * B + b0;
+    const T v0 = val[k];
+#pragma GCC unroll 16
+    for (int q = 0; q < NV; ++q) {
+      V x0;
+      __builtin_memcpy(&x0, xr0 + q * VL, sizeof(V));
+      a0[q] += v0 * x0;
+    }
+  }
+#pragma GCC unroll 16
+  for (int q = 0; q < NV; ++q) {
+    const V s = a0[q] + a1[q];
+    __builtin_memcpy(out + q * VL, &s, sizeof(V));
+  }
 }
 
 template <typename T>

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from . import _hygiene as H
-from .pgd import pgd
+from .pgd import run_pgd
 
 
 def fgsm(
@@ -23,8 +23,9 @@ def fgsm(
     H.check_config("fgsm", eps=eps, norm=norm, loss=loss, alpha=alpha, clip=clip)
     if eps == 0:
         # A zero-radius ball: the only admissible point is x itself (alpha must stay > 0).
-        return pgd(model, x, y, eps=0.0, alpha=1.0, steps=0, norm=norm, random_start=False,
-                   targeted=targeted, loss=loss, clip=clip)
-    step = eps if alpha is None else alpha
-    return pgd(model, x, y, eps=eps, alpha=step, steps=1, norm=norm, random_start=random_start,
-               restarts=1, targeted=targeted, loss=loss, clip=clip)
+        alpha, steps = 1.0, 0
+    else:
+        alpha, steps = (eps if alpha is None else alpha), 1
+    return run_pgd("fgsm", model, x, y, eps=eps, alpha=alpha, steps=steps, norm=norm,
+                   random_start=random_start and steps > 0, restarts=1, targeted=targeted,
+                   loss=loss, clip=clip, early_stop=False, x_init=None)

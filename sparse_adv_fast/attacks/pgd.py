@@ -65,7 +65,17 @@ def pgd(
     The model runs in eval mode with frozen parameters (both restored); inputs must lie in
     ``clip``, and so does the result. Returns ``x_adv`` with ``x``'s shape.
     """
-    where = "pgd"
+    return run_pgd("pgd", model, x, y, eps=eps, alpha=alpha, steps=steps, norm=norm,
+                   random_start=random_start, restarts=restarts, targeted=targeted, loss=loss,
+                   clip=clip, early_stop=early_stop, x_init=x_init)
+
+
+def run_pgd(
+    where: str, model: nn.Module, x: Tensor, y: Tensor, *, eps: float, alpha: float,
+    steps: int, norm: str, random_start: bool, restarts: int, targeted: bool, loss: str,
+    clip: tuple[float, float], early_stop: bool, x_init: Tensor | None,
+) -> Tensor:
+    """:func:`pgd` with ``where`` naming the public entry point in error messages."""
     lo, hi = H.check_config(where, eps=eps, norm=norm, loss=loss, alpha=alpha, steps=steps,
                             restarts=restarts, clip=clip)
     if x_init is not None:

@@ -28,6 +28,7 @@ _ENV = "SPARSE_ADV_FAST_BACKEND"
 _log = logging.getLogger("sparse_adv_fast")
 _forced: str | None = None
 _warned: set[tuple[str, str]] = set()
+_resolved: dict[tuple[str, str, str, bool], tuple[str, Any]] = {}
 
 
 class BackendUnavailable(RuntimeError):
@@ -100,9 +101,24 @@ def resolve(op: str, device: torch.device) -> tuple[str, Any]:
     """Pick the backend for ``op`` on ``device``.
 
     Returns ``(name, impl)`` where ``impl`` is a namespace with the op's backend functions
-    (names fixed by ``sparse_adv_fast/ops/<op>.py``), or ``("torch", None)``.
+    (names fixed by ``sparse_adv_fast/ops/<op>.py``), or ``("torch", None)``. The choice
+    is remembered per (op, device type, forced backend): ops call this on every launch.
     """
     forced = current()
+    key = (op, device.type, forced, _triton.interpreting())
+    hit = _resolved.get(key)
+    if hit is None:
+        hit = _resolved[key] = _resolve(op, device, forced)
+    return hit
+
+
+def reset() -> None:
+    """Forget remembered choices and logged fallbacks (after installing a compiler, say)."""
+    _resolved.clear()
+    _warned.clear()
+
+
+def _resolve(op: str, device: torch.device, forced: str) -> tuple[str, Any]:
     if forced != "auto":
         if forced == "torch":
             return "torch", None
@@ -129,4 +145,6 @@ def resolve(op: str, device: torch.device) -> tuple[str, Any]:
     return "torch", None
 
 
-__all__ = ["NAMES", "BackendUnavailable", "available", "current", "resolve", "use", "using"]
+__all__ = [
+    "NAMES", "BackendUnavailable", "available", "current", "reset", "resolve", "use", "using",
+]

@@ -19,6 +19,7 @@ from torch import Tensor
 from .. import backends
 from . import _cache
 from ._checks import check_masked_weight
+from ._outputs import fresh
 
 OP = "masked_conv2d"
 Conv = tuple[list[int], list[int], list[int], int]
@@ -78,7 +79,7 @@ def _op(
     x: Tensor, w: Tensor, mask: Tensor, b: Tensor | None, stride: list[int],
     padding: list[int], dilation: list[int], groups: int,
 ) -> Tensor:
-    return _impl(x.device).forward(x, w, mask, b, (stride, padding, dilation, groups))
+    return fresh(_impl(x.device).forward(x, w, mask, b, (stride, padding, dilation, groups)))
 
 
 @_op.register_fake
@@ -93,7 +94,7 @@ def _grad_input_op(
     gy: Tensor, x: Tensor, w: Tensor, mask: Tensor, stride: list[int], padding: list[int],
     dilation: list[int], groups: int,
 ) -> Tensor:
-    return _impl(gy.device).grad_input(gy, x, w, mask, (stride, padding, dilation, groups))
+    return fresh(_impl(gy.device).grad_input(gy, x, w, mask, (stride, padding, dilation, groups)))
 
 
 @_grad_input_op.register_fake
@@ -106,7 +107,7 @@ def _grad_weight_op(
     gy: Tensor, x: Tensor, mask: Tensor, stride: list[int], padding: list[int],
     dilation: list[int], groups: int,
 ) -> Tensor:
-    return _impl(gy.device).grad_weight(gy, x, mask, (stride, padding, dilation, groups))
+    return fresh(_impl(gy.device).grad_weight(gy, x, mask, (stride, padding, dilation, groups)))
 
 
 @_grad_weight_op.register_fake

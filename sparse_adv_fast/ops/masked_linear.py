@@ -20,6 +20,7 @@ from torch import Tensor
 from .. import backends
 from . import _cache
 from ._checks import check_masked_weight
+from ._outputs import fresh
 
 OP = "masked_linear"
 
@@ -64,7 +65,7 @@ def _flat(t: Tensor) -> Tensor:
 @torch.library.custom_op("saf::masked_linear", mutates_args=())
 def _op(x: Tensor, w: Tensor, mask: Tensor, b: Tensor | None) -> Tensor:
     y = _impl(x.device).forward(_flat(x), w, mask, b)
-    return y.reshape(*x.shape[:-1], w.shape[0])
+    return fresh(y, (*x.shape[:-1], w.shape[0]))
 
 
 @_op.register_fake
@@ -75,7 +76,7 @@ def _(x, w, mask, b):
 @torch.library.custom_op("saf::masked_linear_grad_input", mutates_args=())
 def _grad_input_op(gy: Tensor, w: Tensor, mask: Tensor) -> Tensor:
     gx = _impl(gy.device).grad_input(_flat(gy), w, mask)
-    return gx.reshape(*gy.shape[:-1], w.shape[1])
+    return fresh(gx, (*gy.shape[:-1], w.shape[1]))
 
 
 @_grad_input_op.register_fake
@@ -85,7 +86,7 @@ def _(gy, w, mask):
 
 @torch.library.custom_op("saf::masked_linear_grad_weight", mutates_args=())
 def _grad_weight_op(gy: Tensor, x: Tensor, mask: Tensor) -> Tensor:
-    return _impl(gy.device).grad_weight(_flat(gy), _flat(x), mask)
+    return fresh(_impl(gy.device).grad_weight(_flat(gy), _flat(x), mask))
 
 
 @_grad_weight_op.register_fake

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import modelio
+from . import modelio, runtime
 from .demo import DEFAULT_EPS
 
 TRAIN_METHODS = ("natural", "pgd", "trades", "fgsm_rs")
@@ -100,8 +100,9 @@ def train(
     torch.manual_seed(seed)
     net = modelio.build(arch)  # unknown model names fail here, before data is read
     loaders = _lib("data").loaders(dataset, batch_size=batch_size, data_dir=data_dir, seed=seed)
-    hist = _fit(net, loaders, method=method, epochs=epochs, lr=lr, eps=eps, steps=steps,
-                progress=progress)
+    with runtime.threads_for(dataset):
+        hist = _fit(net, loaders, method=method, epochs=epochs, lr=lr, eps=eps, steps=steps,
+                    progress=progress)
     modelio.save_model(net, arch, out_path, method=method, eps=eps, epochs=epochs,
                        history=hist.as_dict())
     return {"out": str(out_path), "history": hist.as_dict()}
@@ -136,6 +137,19 @@ def prune(
         check_data_dir(arch["dataset"], data_dir)
     eps = eps_for(arch["dataset"], eps)
     torch.manual_seed(seed)
+    with runtime.threads_for(arch["dataset"]):
+        net = _prune(net, arch, method=method, sparsity=sparsity, scope=scope, epochs=epochs,
+                     rounds=rounds, train_method=train_method, eps=eps, lr=lr, steps=steps,
+                     batch_size=batch_size, seed=seed, data_dir=data_dir, progress=progress)
+    modelio.save_model(net, arch, out_path, pruned_by=method, sparsity=sparsity, scope=scope)
+    return {"out": str(out_path), "sparsity": modelio.zero_fraction(net)}
+
+
+def _prune(
+    net: nn.Module, arch: dict[str, Any], *, method: str, sparsity: float, scope: str,
+    epochs: int, rounds: int, train_method: str, eps: float, lr: float, steps: int,
+    batch_size: int, seed: int, data_dir: str | None, progress: bool,
+) -> nn.Module:
     p = _lib("prune")
     if method == "magnitude":
         net = p.magnitude(net, sparsity, scope=scope)
@@ -154,19 +168,19 @@ def prune(
             net = p.hydra(net, sparsity, loaders[0], epochs=epochs, eps=eps, alpha=eps / 4,
                           steps=steps, scope=scope, progress=progress)
         _fit(net, loaders, **kw)
-    modelio.save_model(net, arch, out_path, pruned_by=method, sparsity=sparsity, scope=scope)
-    return {"out": str(out_path), "sparsity": modelio.zero_fraction(net)}
+    return net
 
 
 def iwi(
-    *, source: str, mode: str, width: float | None, init: str, out: str, epochs: int,
+    *, source: str, mode: str, width: float | None, init: str | None, out: str, epochs: int,
     method: str, eps: float | None, lr: float, steps: int, batch_size: int, seed: int,
     data_dir: str | None, progress: bool = True,
 ) -> dict[str, Any]:
     """Inverse Weights Inheritance from a saved source model, then adversarial training.
 
     ``ticket``: a dense model of the source's architecture and width; ``widen``: the same
-    family at ``width`` (default twice the source's).
+    family at ``width`` (default twice the source's). ``init`` defaults to ``zero`` (ticket)
+    and ``preserve`` (widen: the source's function, with trainable new units).
     """
     if mode not in IWI_MODES:
         raise ValueError(f"unknown IWI mode {mode!r}; choose one of {IWI_MODES}")
@@ -186,12 +200,15 @@ def iwi(
     elif width <= sarch["width"]:
         raise ValueError(f"IWI widen needs --width > the source's {sarch['width']}, got {width}")
     arch = modelio.arch_spec(sarch["name"], sarch["dataset"], width)
+    if init is None:
+        init = "preserve" if mode == "widen" else "zero"
     torch.manual_seed(seed)
     target = _lib("iwi").inherit(src, modelio.build(arch), mode=mode, init=init)
     loaders = _lib("data").loaders(sarch["dataset"], batch_size=batch_size, data_dir=data_dir,
                                    seed=seed)
-    hist = _fit(target, loaders, method=method, epochs=epochs, lr=lr, eps=eps, steps=steps,
-                progress=progress)
+    with runtime.threads_for(sarch["dataset"]):
+        hist = _fit(target, loaders, method=method, epochs=epochs, lr=lr, eps=eps, steps=steps,
+                    progress=progress)
     modelio.save_model(target, arch, out_path, iwi_mode=mode, source=os.fspath(source),
                        history=hist.as_dict())
     return {"out": str(out_path), "width": width}
@@ -208,8 +225,9 @@ def evaluate(
     check_data_dir(arch["dataset"], data_dir)
     eps = eps_for(arch["dataset"], eps)
     _, test = _lib("data").loaders(arch["dataset"], batch_size=batch_size, data_dir=data_dir)
-    res = _lib("train").evaluate(net.eval(), test, attacks=tuple(attacks), eps=eps,
-                                 max_batches=max_batches, progress=progress)
+    with runtime.threads_for(arch["dataset"]):
+        res = _lib("train").evaluate(net.eval(), test, attacks=tuple(attacks), eps=eps,
+                                     max_batches=max_batches, progress=progress)
     return {
         "checkpoint": os.fspath(checkpoint),
         "arch": arch,

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import modelio, plots, report
+from . import modelio, plots, report, runtime
 from .stages import StageRunner
 
 DEFAULT_EPS = {"digits": 0.1, "mnist": 0.3, "cifar10": 8 / 255}
@@ -53,9 +53,11 @@ class DemoConfig:
     epochs: int = 10
     retrain_epochs: int = 5
     lr: float = 0.1
+    iwi_lr: float = 0.05
     batch_size: int = 128
     eps: float = 0.1
     train_steps: int = 10
+    val_batches: int = 2
     sparsities: tuple[float, ...] = (0.5, 0.8, 0.9)
     widen: int = 2
     rewind_at: int = 12
@@ -99,7 +101,7 @@ class DemoConfig:
         )
         if quick:
             base.update(
-                epochs=4, retrain_epochs=2, train_steps=3, eval_attacks=("pgd20",),
+                epochs=4, retrain_epochs=2, train_steps=3, val_batches=1, eval_attacks=("pgd20",),
                 eval_subset=200, metrics_samples=128, rewind_at=6,
             )
         if epochs is not None:
@@ -166,12 +168,13 @@ class Demo:
         # Each stage reseeds from (seed, name): a resumed run draws what a straight run draws.
         torch.manual_seed(self.cfg.seed * 1000 + sum(map(ord, stage)))
 
-    def _fit(self, model: nn.Module, stage: str, epochs: int, **kw: Any) -> Any:
+    def _fit(self, model: nn.Module, stage: str, epochs: int, lr: float | None = None,
+             **kw: Any) -> Any:
         c = self.cfg
         return _lib("train").fit(
-            model, self.loaders, method=c.method, epochs=epochs, lr=c.lr, eps=c.eps,
+            model, self.loaders, method=c.method, epochs=epochs, lr=lr or c.lr, eps=c.eps,
             steps=c.train_steps, checkpoint=self.runner.scratch(stage), resume=True,
-            progress=self.progress, **kw,
+            progress=self.progress, val_batches=c.val_batches, **kw,
         )
 
     def _model(self, stage: str) -> nn.Module:
@@ -211,8 +214,12 @@ class Demo:
         source = self._model(source_stage)
         arch = modelio.arch_spec(self.cfg.model, self.cfg.dataset, width)
         target = modelio.build(arch)
-        target = _lib("iwi").inherit(source, target, mode=mode)
-        hist = self._fit(target, name, self.cfg.retrain_epochs)
+        # widen: "preserve" computes the source's function yet keeps the new units trainable
+        # (all-zero new units would get zero gradient forever).
+        init = "preserve" if mode == "widen" else "zero"
+        target = _lib("iwi").inherit(source, target, mode=mode, init=init)
+        # Half the lr: from already-trained weights, lr 0.1 diverged on digits (measured).
+        hist = self._fit(target, name, self.cfg.retrain_epochs, lr=self.cfg.iwi_lr)
         return {"model": modelio.to_blob(target, arch, iwi_mode=mode), "history": hist.as_dict()}
 
     def stage_eval(self, model_stage: str) -> dict[str, Any]:
@@ -238,15 +245,8 @@ class Demo:
     # -- driver -------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         """Run (or resume) every stage, write results.json / results.md / plots; the results."""
-        threads = torch.get_num_threads()
-        if self.cfg.dataset == "digits":
-            # 8x8 inputs make every op too small to split; extra threads only contend
-            # (measured several times slower with 2 threads on a busy 2-core machine).
-            torch.set_num_threads(1)
-        try:
+        with runtime.threads_for(self.cfg.dataset):
             return self._run()
-        finally:
-            torch.set_num_threads(threads)
 
     def _run(self) -> dict[str, Any]:
         t0 = time.perf_counter()

@@ -25,9 +25,12 @@ def _lib(name: str) -> Any:
     return importlib.import_module(f"sparse_adv_fast.{name}")
 
 
-def arch_spec(name: str, dataset: str, width: int = 1, masked: bool = False) -> dict[str, Any]:
-    """The architecture spec stored in a checkpoint."""
-    return {"name": name, "dataset": dataset, "width": int(width), "masked": bool(masked)}
+def arch_spec(
+    name: str, dataset: str, width: float = 1, masked: bool = False
+) -> dict[str, Any]:
+    """The architecture spec stored in a checkpoint (an integral width is stored as int)."""
+    width = int(width) if float(width).is_integer() else float(width)
+    return {"name": name, "dataset": dataset, "width": width, "masked": bool(masked)}
 
 
 def is_masked(model: nn.Module) -> bool:

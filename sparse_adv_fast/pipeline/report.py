@@ -128,7 +128,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"{c['epochs']} epochs dense, {c['retrain_epochs']} per retraining; IMP with rewinding to "
         f"iteration {c['rewind_at']}, global magnitude pruning; IWI ticket = dense net started "
         f"from the sparsest ticket's surviving weights; IWI widen = {c['widen']}x-wide net "
-        "started from the dense net's weights."
+        f"started from the dense net's weights; IWI models trained at lr {c['iwi_lr']:g} "
+        f"(others {c['lr']:g})."
     )
     return f"{title}\n\n{settings}\n\n{table(results)}\n\n{legend(results)}\n"
 

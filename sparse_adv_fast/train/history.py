@@ -45,26 +45,32 @@ class History:
 
     @property
     def train_loss(self) -> list[float]:
+        """Mean training loss per epoch."""
         return self._col("train_loss")
 
     @property
     def train_acc(self) -> list[float]:
+        """Training accuracy per epoch (on the inputs trained on)."""
         return self._col("train_acc")
 
     @property
     def val_clean_acc(self) -> list[float | None]:
+        """Clean validation accuracy per epoch."""
         return self._col("val_clean_acc")
 
     @property
     def val_pgd_acc(self) -> list[float | None]:
+        """Validation PGD accuracy per epoch (fixed batches)."""
         return self._col("val_pgd_acc")
 
     @property
     def lr(self) -> list[float]:
+        """Learning rate used in each epoch."""
         return self._col("lr")
 
     @property
     def time(self) -> list[float]:
+        """Seconds per epoch, validation included."""
         return self._col("time")
 
     def __len__(self) -> int:

@@ -66,10 +66,12 @@ class OverfitDetector:
         model.load_state_dict(self.best_state)
 
     def state_dict(self) -> dict[str, Any]:
+        """Thresholds, best accuracy / epoch and best model state, for checkpoints."""
         return {"ratio": self.ratio, "drop": self.drop, "best_acc": self.best_acc,
                 "best_epoch": self.best_epoch, "best_state": self.best_state}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
+        """Restore the best accuracy / epoch / state saved by :meth:`state_dict`."""
         self.best_acc = float(d["best_acc"])
         self.best_epoch = d["best_epoch"]
         self.best_state = copy.copy(d["best_state"])

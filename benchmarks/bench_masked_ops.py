@@ -1,0 +1,132 @@
+"""masked_linear / masked_conv2d against dense torch and torch.nn.utils.prune-style masking.
+
+Groups: ``<op> <shape> <step> sparsity=<s>`` with ``step`` one of
+
+* ``train``  - forward + backward with grads for x, w and b (a training step);
+* ``attack`` - forward + backward with a grad for x only (a PGD step on a fixed model).
+
+Entries: ``dense`` (plain ``F.linear``/``F.conv2d`` on an unmasked weight: the baseline),
+``prune`` (``weight_orig * mask`` recomputed every call, as torch.nn.utils.prune does),
+``masked-<backend>`` (this library on each available backend) and, for the linear attack
+step, ``torch-csr`` (``torch.sparse.mm`` on a prebuilt CSR of the same masked weight).
+
+Run: ``python -m pytest benchmarks/bench_masked_ops.py --benchmark-only
+--benchmark-json out.json`` then ``python benchmarks/report.py out.json``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparse_adv_fast import backends
+from sparse_adv_fast.ops import masked_conv2d, masked_linear
+
+SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.99)
+STEPS = ("train", "attack")
+ON_GPU = torch.cuda.is_available()
+DEV = "cuda" if ON_GPU else "cpu"
+BACKENDS = ("torch", "cuda", "triton") if ON_GPU else ("torch", "cpp")
+ROUNDS = dict(rounds=5, warmup_rounds=2, iterations=1)
+
+LIN = (256, 2048, 2048)  # batch, in, out
+CONV = (32, 64, 32, 32, 64, 3)  # N, C, H, W, OC, k (padding 1)
+
+
+def _sync() -> None:
+    if ON_GPU:
+        torch.cuda.synchronize()
+
+
+def _mask(shape, sparsity: float) -> torch.Tensor:
+    return torch.rand(shape, device=DEV) >= sparsity
+
+
+def _run(benchmark, group: str, impl: str, fn) -> None:
+    benchmark.group = group
+    benchmark.extra_info["impl"] = impl
+    if impl == "dense":
+        benchmark.extra_info["baseline"] = True
+
+    def step():
+        fn()
+        _sync()
+
+    benchmark.pedantic(step, **ROUNDS)
+
+
+def _backward(y, leaves):
+    y.backward(torch.ones_like(y))
+    for t in leaves:
+        t.grad = None
+
+
+def _impl_ready(name: str) -> None:
+    why = backends._reason(name, torch.device(DEV))
+    if why is not None:
+        pytest.skip(f"{name}: {why}")
+
+
+IMPLS = ["dense", "prune", *(f"masked-{b}" for b in BACKENDS), "torch-csr"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+def test_masked_linear(benchmark, sparsity, step, impl):
+    if impl == "torch-csr" and step != "attack":
+        pytest.skip("torch-csr is the peer for the attack step only")
+    bsz, k, n = LIN
+    x = torch.randn(bsz, k, device=DEV, requires_grad=True)
+    w = torch.randn(n, k, device=DEV, requires_grad=step == "train")
+    b = torch.randn(n, device=DEV, requires_grad=step == "train")
+    mask = _mask(w.shape, sparsity)
+    leaves = [x, w, b] if step == "train" else [x]
+    group = f"masked_linear {bsz}x{k}->{n} {step} sparsity={sparsity}"
+    if impl == "dense":
+        fn = lambda: _backward(F.linear(x, w, b), leaves)  # noqa: E731
+    elif impl == "prune":
+        fn = lambda: _backward(F.linear(x, w * mask, b), leaves)  # noqa: E731
+    elif impl == "torch-csr":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+            csr = (w.detach() * mask).to_sparse_csr()
+        fn = lambda: _backward(torch.sparse.mm(csr, x.t()).t() + b, leaves)  # noqa: E731
+    else:
+        name = impl.removeprefix("masked-")
+        _impl_ready(name)
+
+        def fn():
+            with backends.using(name):
+                _backward(masked_linear(x, w, mask, b), leaves)
+
+    _run(benchmark, group, impl, fn)
+
+
+@pytest.mark.parametrize("impl", IMPLS[:-1])
+@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+def test_masked_conv2d(benchmark, sparsity, step, impl):
+    nb, c, h, wd, oc, k = CONV
+    x = torch.randn(nb, c, h, wd, device=DEV, requires_grad=True)
+    w = torch.randn(oc, c, k, k, device=DEV, requires_grad=step == "train")
+    b = torch.randn(oc, device=DEV, requires_grad=step == "train")
+    mask = _mask(w.shape, sparsity)
+    leaves = [x, w, b] if step == "train" else [x]
+    group = f"masked_conv2d {nb}x{c}x{h}x{wd}->{oc} k{k} {step} sparsity={sparsity}"
+    if impl == "dense":
+        fn = lambda: _backward(F.conv2d(x, w, b, 1, 1), leaves)  # noqa: E731
+    elif impl == "prune":
+        fn = lambda: _backward(F.conv2d(x, w * mask, b, 1, 1), leaves)  # noqa: E731
+    else:
+        name = impl.removeprefix("masked-")
+        _impl_ready(name)
+
+        def fn():
+            with backends.using(name):
+                _backward(masked_conv2d(x, w, mask, b, 1, 1), leaves)
+
+    _run(benchmark, group, impl, fn)
