@@ -295,6 +295,10 @@ def _runtime_errors() -> tuple[type[BaseException], ...]:
     return (CheckpointError, StageError, ValueError, TypeError, FileNotFoundError, OSError)
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``sparse-adv-fast``; returns the exit status."""
     parser = build_parser()
@@ -305,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         if args.debug:
             raise
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head` and closed early: not an error
         return 0
@@ -315,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _runtime_errors() as e:
         if args.debug:
             raise
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {_one_line(e)} (--debug for the traceback)", file=sys.stderr)
         return 1
 
 

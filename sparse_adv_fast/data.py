@@ -194,7 +194,9 @@ def _load_cifar10(data_dir: Path) -> tuple[TensorDataset, TensorDataset]:
 
 
 # ---- public API -------------------------------------------------------------------------
-def load(name: str, data_dir: str | os.PathLike | None = None) -> tuple[TensorDataset, ...]:
+def load(
+    name: str, data_dir: str | os.PathLike | None = None
+) -> tuple[TensorDataset, TensorDataset]:
     """``(train, test)`` TensorDatasets of ``(x float32 in [0, 1], y int64)``.
 
     ``data_dir`` (for ``mnist`` / ``cifar10``; default ``$SPARSE_ADV_FAST_DATA`` or

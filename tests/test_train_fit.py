@@ -166,5 +166,14 @@ def test_small_cnn_natural_reaches_90_percent_on_digits():
 def test_progress_bar_and_explicit_device(capsys):
     model, (tr, _) = _tiny()
     fit(model, (tr, None), "natural", epochs=1, progress=True, max_batches=2, device="cpu")
-    err = capsys.readouterr().err
-    assert "natural 1/1" in err and "2/2" in err
+    assert "natural 1/1" in capsys.readouterr().err
+    fit(model, (tr, None), "natural", epochs=1, progress=False, max_batches=2, device="cpu")
+    assert "natural 1/1" not in capsys.readouterr().err
+
+
+def test_non_finite_loss_is_an_error():
+    model, (tr, _) = _tiny()
+    with torch.no_grad():
+        model[-1].bias.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        fit(model, (tr, None), "natural", epochs=1, progress=False, max_batches=2)

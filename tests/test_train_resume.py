@@ -108,3 +108,16 @@ def test_checkpoint_from_another_model_or_method(tmp_path):
     torch.save({"something": 1}, path)
     with pytest.raises(CheckpointError, match="not a sparse_adv_fast fit checkpoint"):
         fit(model, loaders, "natural", checkpoint=path, **KW)
+
+
+def test_checkpoint_from_another_optimizer(tmp_path):
+    path = tmp_path / "run.pt"
+    model, loaders = _tiny()
+    fit(model, loaders, "natural", checkpoint=path, **{**KW, "epochs": 1})
+    model2, loaders2 = _tiny(seed=1)
+    before = copy.deepcopy(model2.state_dict())
+    with pytest.raises(CheckpointError, match="optimizer='sgd'"):
+        fit(model2, loaders2, "natural", checkpoint=path, optimizer="adam", **KW)
+    with pytest.raises(CheckpointError, match="schedule='cosine'"):
+        fit(model2, loaders2, "natural", checkpoint=path, schedule="step", **KW)
+    assert all(torch.equal(model2.state_dict()[k], v) for k, v in before.items())

@@ -50,8 +50,8 @@ class DemoConfig:
     data_dir: str | None = None
     model: str = "small_cnn"
     method: str = "pgd"
-    epochs: int = 10
-    retrain_epochs: int = 5
+    epochs: int = 8
+    retrain_epochs: int = 4
     lr: float = 0.1
     iwi_lr: float = 0.05
     batch_size: int = 128

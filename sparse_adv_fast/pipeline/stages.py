@@ -148,10 +148,13 @@ class StageRunner:
         try:
             blob = _checkpoint().load(path)
         except Exception as e:  # any unreadable file: the message must name it
+            cause = e.__cause__ or e  # CheckpointError wraps torch's own error
+            lines = str(cause).strip().splitlines() or [""]
+            reason = f"{type(cause).__name__}: {lines[0][:120]}"
             raise StageError(
-                f"stage file {path} is corrupt or unreadable ({type(e).__name__}: {e}); "
+                f"stage file {path} is corrupt or unreadable ({reason}); "
                 "delete it or rerun with --fresh"
-            ) from None
+            ) from e
         if not isinstance(blob, dict) or blob.get("stage") != name or "result" not in blob:
             raise StageError(
                 f"stage file {path} is not a result of stage {name!r}; "

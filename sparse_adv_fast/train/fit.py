@@ -26,10 +26,11 @@ OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "step", "none")
 NORMS = ("linf", "l2")
 FORMAT = "sparse_adv_fast.fit/1"
-_CKPT_KEYS = ("epoch", "method", "stopped", "model", "optimizer", "scheduler", "rng", "history",
-              "detector", "rewind_state")
+_CKPT_KEYS = ("epoch", "method", "config", "stopped", "model", "optimizer", "scheduler", "rng",
+              "history", "detector", "rewind_state")
 
 _logger = logging.getLogger("sparse_adv_fast.train")
+_SYNC_EVERY = 10
 
 Probe = Callable[[nn.Module, int], float]
 
@@ -238,9 +239,14 @@ def fit(
         if saved["method"] != method:
             raise CheckpointError(f"checkpoint {path} was written by method={saved['method']!r}"
                                   f", but fit was called with method={method!r}")
+        for key, now in (("optimizer", optimizer), ("schedule", schedule)):
+            if saved["config"].get(key) != now:
+                raise CheckpointError(
+                    f"checkpoint {path} was written with {key}={saved['config'].get(key)!r}, "
+                    f"but fit was called with {key}={now!r}"
+                )
         _check_model_state(path, saved["model"], model)
-        model.load_state_dict(saved["model"])
-        try:
+        try:  # everything that can still mismatch, before the model is overwritten
             opt.load_state_dict(saved["optimizer"])
             if sched is not None and saved["scheduler"] is not None:
                 sched.load_state_dict(saved["scheduler"])
@@ -248,6 +254,7 @@ def fit(
         except (ValueError, KeyError, RuntimeError) as e:
             raise CheckpointError(f"checkpoint {path} does not match this run's optimizer, "
                                   f"schedule or loader: {e}") from e
+        model.load_state_dict(saved["model"])
         if saved["detector"] is not None:
             detector.load_state_dict(saved["detector"])
         history = History.from_dict(saved["history"])
@@ -262,6 +269,7 @@ def fit(
             return
         ckpt_io.save_atomic({
             "format": FORMAT, "epoch": epoch, "method": method, "stopped": stopped,
+            "config": {"optimizer": optimizer, "schedule": schedule},
             "model": model.state_dict(), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict() if sched is not None else None,
             "rng": rng.capture(gens), "history": history.as_dict(),
@@ -322,7 +330,11 @@ def _train_epoch(
     total = len(loader) if hasattr(loader, "__len__") else None
     if total is not None and max_batches is not None:
         total = min(total, max_batches)
-    loss_sum, correct, seen = 0.0, 0, 0
+    # Running sums stay on the device; they are read (a host sync) only every
+    # _SYNC_EVERY batches, for the progress bar and the finiteness check.
+    loss_sum = torch.zeros((), device=dev)
+    correct = torch.zeros((), dtype=torch.int64, device=dev)
+    seen = 0
     model.train()
     with tqdm(total=total, desc=desc, disable=not progress, leave=False) as bar:
         for i, (x, y) in enumerate(loader):
@@ -330,11 +342,6 @@ def _train_epoch(
                 break
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             loss, logits = loss_fn(model, x, y, cfg)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"fit: non-finite loss {loss.item()} at iteration {history.iterations + 1}; "
-                    "lower the learning rate"
-                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -342,12 +349,24 @@ def _train_epoch(
             if rewind_at is not None and history.iterations == rewind_at:
                 history.rewind_state = _cpu_state(model)
             n = y.shape[0]
-            loss_sum += float(loss.detach()) * n
-            correct += int((logits.detach().argmax(1) == y).sum())
+            loss_sum += loss.detach() * n
+            correct += (logits.detach().argmax(1) == y).sum()
             seen += n
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-    return loss_sum, correct, seen
+            if history.iterations % _SYNC_EVERY == 0:
+                _check_finite(loss_sum, history.iterations)
+                bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}",
+                                acc=f"{int(correct) / seen:.3f}")
+    _check_finite(loss_sum, history.iterations)
+    return float(loss_sum), int(correct), seen
+
+
+def _check_finite(loss_sum: Tensor, iteration: int) -> None:
+    if not bool(torch.isfinite(loss_sum)):
+        raise FloatingPointError(
+            f"fit: the training loss became non-finite (by iteration {iteration}); lower the "
+            "learning rate or check the data"
+        )
 
 
 def _fmt(r: dict[str, Any]) -> str:
