@@ -19,7 +19,7 @@ from .nn import apply_masks, densify, layer_sparsity, masks, sparsify, sparsity
 __version__ = "0.1.0"
 
 # User-level parts are imported on first attribute access to keep `import` light.
-_LAZY = ("attacks", "prune", "train", "iwi", "metrics", "data", "models", "cli")
+_LAZY = ("attacks", "prune", "train", "iwi", "metrics", "data", "models", "checkpoint", "cli")
 
 
 def __getattr__(name: str) -> Any:

@@ -100,9 +100,10 @@ def _suites(text: str) -> tuple[str, ...]:
 
 
 # ---- parser ---------------------------------------------------------------------------------
-def _common_train(p: argparse.ArgumentParser, *, method_default: str = "pgd") -> None:
-    p.add_argument("--method", choices=("natural", "pgd", "trades", "fgsm_rs"),
-                   default=method_default, help="training method (default: %(default)s)")
+def _common_train(p: argparse.ArgumentParser, *, method_flag: str = "--method") -> None:
+    p.add_argument(method_flag, dest="train_method", default="pgd",
+                   choices=("natural", "pgd", "trades", "fgsm_rs"),
+                   help="training method (default: %(default)s)")
     p.add_argument("--epochs", type=_positive_int, default=10, help="epochs (default: %(default)s)")
     p.add_argument("--eps", type=_eps, default=None,
                    help="L-inf radius (default: 0.1 digits, 0.3 mnist, 8/255 cifar10)")
@@ -155,13 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="prune a saved model, save a checkpoint")
     p.add_argument("checkpoint", help="model checkpoint (from train / prune / iwi)")
-    p.add_argument("--prune-method", "--by", dest="prune_method",
-                   choices=("magnitude", "imp", "hydra", "random"), default="magnitude")
+    p.add_argument("--method", dest="prune_method",
+                   choices=("magnitude", "imp", "hydra", "random"), default="magnitude",
+                   help="magnitude / random: prune once; imp / hydra: also train "
+                   "(--epochs per IMP round / HYDRA score epochs, then as many fine-tuning)")
     p.add_argument("--sparsity", type=_sparsity, default=0.9, help="target fraction in [0, 1)")
     p.add_argument("--scope", choices=("global", "layer"), default="global")
     p.add_argument("--rounds", type=_positive_int, default=3, help="IMP rounds")
     p.add_argument("--out", default="pruned.pt")
-    _common_train(p)
+    _common_train(p, method_flag="--train-method")
     p.set_defaults(func=_prune)
 
     w = sub.add_parser("iwi", help="Inverse Weights Inheritance, then adversarial training")
@@ -235,7 +238,7 @@ def _train(a: argparse.Namespace) -> int:
     from .pipeline import commands
 
     _check_data(a.dataset, a.data_dir)
-    res = commands.train(dataset=a.dataset, model=a.model, width=a.width, method=a.method,
+    res = commands.train(dataset=a.dataset, model=a.model, width=a.width, method=a.train_method,
                          out=a.out, **_train_kw(a))
     print(f"saved {res['out']}")
     return 0
@@ -245,7 +248,7 @@ def _prune(a: argparse.Namespace) -> int:
     from .pipeline import commands
 
     res = commands.prune(checkpoint=a.checkpoint, method=a.prune_method, sparsity=a.sparsity,
-                         scope=a.scope, out=a.out, rounds=a.rounds, train_method=a.method,
+                         scope=a.scope, out=a.out, rounds=a.rounds, train_method=a.train_method,
                          **_train_kw(a))
     print(f"saved {res['out']} (sparsity {res['sparsity']:.4f})")
     return 0
@@ -255,7 +258,7 @@ def _iwi(a: argparse.Namespace) -> int:
     from .pipeline import commands
 
     res = commands.iwi(source=a.source, mode=a.mode, width=a.width, init=a.init, out=a.out,
-                       method=a.method, **_train_kw(a))
+                       method=a.train_method, **_train_kw(a))
     print(f"saved {res['out']} (width {res['width']:g})")
     return 0
 

@@ -103,8 +103,12 @@ def test_not_a_model_checkpoint_is_a_clear_error(capsys, tmp_path):
 def test_imp_schedule_reaches_the_target_geometrically():
     assert commands.imp_schedule(0.875, 3) == pytest.approx((0.5, 0.75, 0.875))
     assert commands.imp_schedule(0.9, 1) == pytest.approx((0.9,))
+    assert commands.imp_schedule(0.9, 2, start=0.6) == pytest.approx((0.8, 0.9))
+    with pytest.raises(ValueError, match="already 0.9000 sparse"):
+        commands.imp_schedule(0.5, 2, start=0.9)
 
 
+@pytest.mark.slow
 def test_train_prune_iwi_eval_chain(capsys, tmp_path):
     m, p, w = (str(tmp_path / n) for n in ("m.pt", "p.pt", "w.pt"))
     quick = ["--method", "natural", "--epochs", "1", "--no-progress"]
@@ -122,6 +126,29 @@ def test_train_prune_iwi_eval_chain(capsys, tmp_path):
     for name, layer in saf.nn.masked_layers(pruned).items():
         ref = net.get_submodule(name).weight
         assert torch.equal(layer.weight[layer.weight_mask], ref[layer.weight_mask])
+
+    r, i = str(tmp_path / "r.pt"), str(tmp_path / "i.pt")
+    rc, out, err = _run(capsys, "prune", m, "--method", "random", "--sparsity", "0.5",
+                        "--scope", "layer", "--out", r)
+    assert rc == 0, err
+    assert all(v == pytest.approx(0.5, abs=0.01)
+               for v in saf.layer_sparsity(modelio.load_model(r)[0]).values())
+    rc, out, err = _run(capsys, "prune", p, "--method", "imp", "--sparsity", "0.9", "--rounds",
+                        "2", "--train-method", "natural", "--epochs", "1", "--no-progress",
+                        "--out", i)
+    assert rc == 0, err
+    ticket = modelio.load_model(i)[0]
+    assert saf.sparsity(ticket) == pytest.approx(0.9, abs=1e-3)
+    # the masks are nested: IMP started from the 75% checkpoint and pruned further
+    for name, layer in saf.nn.masked_layers(ticket).items():
+        assert not (layer.weight_mask & ~pruned.get_submodule(name).weight_mask).any()
+
+    h = str(tmp_path / "h.pt")
+    rc, out, err = _run(capsys, "prune", m, "--method", "hydra", "--sparsity", "0.6", "--steps",
+                        "1", "--train-method", "natural", "--epochs", "1", "--no-progress",
+                        "--out", h)
+    assert rc == 0, err
+    assert saf.sparsity(modelio.load_model(h)[0]) == pytest.approx(0.6, abs=1e-3)
 
     rc, out, err = _run(capsys, "iwi", m, "--mode", "widen", "--out", w, *quick)
     assert rc == 0, err

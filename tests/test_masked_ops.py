@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import cpu_backends, requires_cuda
+from tolerances import assert_close
 
 from sparse_adv_fast import backends
 from sparse_adv_fast.backends import _cpp_ops
 from sparse_adv_fast.ops import _cache, masked_conv2d, masked_linear, op_module
-from tests.conftest import cpu_backends, requires_cuda
-from tests.tolerances import assert_close
 
 ml_mod = op_module("masked_linear")
 mc_mod = op_module("masked_conv2d")

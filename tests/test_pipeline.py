@@ -182,8 +182,10 @@ def test_demo_config_validates_and_names_rows():
 
 
 # ---- the demo, end to end -------------------------------------------------------------------
-def _demo(out, *extra):
-    return cli.main(["demo", "--quick", "--out", str(out), "--no-progress", *extra])
+def _demo(out, *extra, epochs="2"):
+    # --quick with 2 dense epochs (1 per retraining) keeps this test's CPU time down.
+    return cli.main(["demo", "--quick", "--epochs", epochs, "--out", str(out), "--no-progress",
+                     *extra])
 
 
 @pytest.mark.slow
@@ -193,7 +195,7 @@ def test_demo_quick_end_to_end_resumes_and_restarts(tmp_path, capsys):
     first = capsys.readouterr()
     assert "| model" in first.out  # the table is printed
     res = json.loads((out / "results.json").read_text())
-    cfg = DemoConfig.make(quick=True)
+    cfg = DemoConfig.make(quick=True, epochs=2)
     assert [r["model"] for r in res["rows"]] == cfg.row_names()
     for r in res["rows"]:
         for v in (r["clean"], r["worst_case"], r["sparsity"], *r["robust"].values()):
@@ -204,7 +206,7 @@ def test_demo_quick_end_to_end_resumes_and_restarts(tmp_path, capsys):
     for s in cfg.sparsities:  # each ticket reaches its target sparsity (to rounding)
         assert by[imp_name(s)]["sparsity"] == pytest.approx(s, abs=0.01)
     assert by["dense"]["sparsity"] < 0.01 and by["iwi_ticket"]["sparsity"] < 0.5
-    assert by["dense"]["clean"] > 0.5  # it learned something
+    assert by["dense"]["clean"] > 0.4  # it learned something (chance is 0.1)
     md = (out / "results.md").read_text()
     assert "first-order robustness radius" in md
     for p in plots.PLOTS:
@@ -242,10 +244,9 @@ def test_demo_quick_end_to_end_resumes_and_restarts(tmp_path, capsys):
 
     # Other settings in the same dir are refused; --fresh starts over (a short run: one
     # sparsity, one epoch, so the old imp_80 / imp_90 files must be gone afterwards).
-    short = ("--sparsities", "0.5", "--epochs", "1")
-    assert _demo(out, *short) == 1
+    assert _demo(out, "--sparsities", "0.5", epochs="1") == 1
     assert "other settings" in capsys.readouterr().err
-    assert _demo(out, "--fresh", *short) == 0
+    assert _demo(out, "--fresh", "--sparsities", "0.5", epochs="1") == 0
     res4 = json.loads((out / "results.json").read_text())
     assert res4["stages_skipped"] == []
     assert [r["model"] for r in res4["rows"]] == ["dense", "imp_50", "iwi_ticket", "iwi_widen2x"]

@@ -14,6 +14,9 @@ template <typename T>
 void conv_forward(const Geom&, const T*, const int64_t*, const int32_t*, const T*, const T*,
                   T*);
 template <typename T>
+void conv_forward_s1(const Geom&, const T*, int64_t, int64_t, const int64_t*, const int32_t*,
+                     const T*, const T*, T*);
+template <typename T>
 void conv_grad_input(const Geom&, const T*, const int64_t*, const int32_t*, const T*, T*);
 template <typename T>
 void conv_grad_weight(const Geom&, const T*, const T*, const int64_t*, const int32_t*, T*);
@@ -57,6 +60,17 @@ at::Tensor conv_forward(const at::Tensor& x_in, const at::Tensor& rowptr, const 
   at::Tensor b;
   if (bias.has_value() && bias->defined()) b = bias->contiguous();
   at::Tensor y = at::empty({g.N, g.OC, g.OH, g.OW}, x.options());
+  if (g.sw == 1) {  // register-blocked kernel over a zero-padded copy of x
+    at::Tensor xp = at::constant_pad_nd(x, {g.pw, g.pw, g.ph, g.ph}, 0).contiguous();
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "saf_conv_forward_s1", [&] {
+      saf_mc::conv_forward_s1<scalar_t>(g, xp.data_ptr<scalar_t>(), xp.size(2), xp.size(3),
+                                        rowptr.data_ptr<int64_t>(), col.data_ptr<int32_t>(),
+                                        val.data_ptr<scalar_t>(),
+                                        b.defined() ? b.data_ptr<scalar_t>() : nullptr,
+                                        y.data_ptr<scalar_t>());
+    });
+    return y;
+  }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "saf_conv_forward", [&] {
     saf_mc::conv_forward<scalar_t>(g, x.data_ptr<scalar_t>(), rowptr.data_ptr<int64_t>(),
                                    col.data_ptr<int32_t>(), val.data_ptr<scalar_t>(),

@@ -84,6 +84,13 @@ int saf_ml_gemm_f64(int64_t M, int64_t N, int64_t K, const double* A, int64_t sa
                     int64_t sak, const double* Bm, int64_t sbk, int64_t sbn,
                     const uint8_t* bmask, const uint8_t* cmask, const double* bias, double* C,
                     cudaStream_t stream);
+int saf_ml_gemm_f16(int64_t M, int64_t N, int64_t K, const void* A, int64_t sam, int64_t sak,
+                    const void* Bm, int64_t sbk, int64_t sbn, const uint8_t* bmask,
+                    const uint8_t* cmask, const void* bias, void* C, cudaStream_t stream);
+int saf_ml_gemm_bf16(int64_t M, int64_t N, int64_t K, const void* A, int64_t sam,
+                     int64_t sak, const void* Bm, int64_t sbk, int64_t sbn,
+                     const uint8_t* bmask, const uint8_t* cmask, const void* bias, void* C,
+                     cudaStream_t stream);
 const char* saf_ml_error_string(int code);
 }
 
@@ -104,8 +111,12 @@ void gemm(int64_t M, int64_t N, int64_t K, const at::Tensor& A, int64_t sam, int
     err = saf_ml_gemm_f64(M, N, K, A.data_ptr<double>(), sam, sak, Bm.data_ptr<double>(), sbk,
                           sbn, bmask, cmask, bias.defined() ? bias.data_ptr<double>() : nullptr,
                           C.data_ptr<double>(), as_stream(stream));
+  } else if (A.scalar_type() == at::kHalf || A.scalar_type() == at::kBFloat16) {
+    auto fn = A.scalar_type() == at::kHalf ? saf_ml_gemm_f16 : saf_ml_gemm_bf16;
+    err = fn(M, N, K, A.data_ptr(), sam, sak, Bm.data_ptr(), sbk, sbn, bmask, cmask,
+             bias.defined() ? bias.data_ptr() : nullptr, C.data_ptr(), as_stream(stream));
   } else {
-    TORCH_CHECK(false, "masked_linear cuda: only float32/float64, got ", A.scalar_type());
+    TORCH_CHECK(false, "masked_linear cuda: unsupported dtype ", A.scalar_type());
   }
   TORCH_CHECK(err == 0, "masked_linear cuda: kernel launch failed: ", saf_ml_error_string(err));
 }

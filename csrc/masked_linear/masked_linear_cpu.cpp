@@ -111,6 +111,30 @@ void spmm_xAt(const int64_t* rowptr, const int32_t* col, const T* val, int64_t R
   }
 }
 
+// <a, b> over n contiguous elements with four independent vector accumulators (hides the
+// FMA latency that a single reduction chain would expose).
+template <typename T>
+inline T dot(const T* a, const T* b, int64_t n) {
+  typedef T V __attribute__((vector_size(32)));
+  constexpr int VL = 32 / sizeof(T);
+  V s[4] = {V{}, V{}, V{}, V{}};
+  int64_t i = 0;
+  for (; i + 4 * VL <= n; i += 4 * VL) {
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {
+      V va, vb;
+      __builtin_memcpy(&va, a + i + q * VL, sizeof(V));
+      __builtin_memcpy(&vb, b + i + q * VL, sizeof(V));
+      s[q] += va * vb;
+    }
+  }
+  const V t = (s[0] + s[1]) + (s[2] + s[3]);
+  T r = T(0);
+  for (int j = 0; j < VL; ++j) r += t[j];
+  for (; i < n; ++i) r += a[i] * b[i];
+  return r;
+}
+
 // gw[r, col] = <gyT[r, :], xT[col, :]> for every stored (r, col); gw pre-zeroed (R x K).
 template <typename T>
 void sddmm(const int64_t* rowptr, const int32_t* col, int64_t R, int64_t K, const T* gyT,
@@ -118,13 +142,8 @@ void sddmm(const int64_t* rowptr, const int32_t* col, int64_t R, int64_t K, cons
 #pragma omp parallel for schedule(dynamic, 8)
   for (int64_t r = 0; r < R; ++r) {
     const T* g = gyT + r * B;
-    for (int64_t k = rowptr[r]; k < rowptr[r + 1]; ++k) {
-      const T* xr = xT + static_cast<int64_t>(col[k]) * B;
-      T s = T(0);
-#pragma omp simd reduction(+ : s)
-      for (int64_t b = 0; b < B; ++b) s += g[b] * xr[b];
-      gw[r * K + col[k]] = s;
-    }
+    for (int64_t k = rowptr[r]; k < rowptr[r + 1]; ++k)
+      gw[r * K + col[k]] = dot(g, xT + static_cast<int64_t>(col[k]) * B, B);
   }
 }
 

@@ -71,15 +71,21 @@ def csr(w: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return _cache.get(w, mask, "csr", build)
 
 
-def csr_t(w: Tensor, mask: Tensor, groups: int = 1) -> tuple[Tensor, Tensor, Tensor]:
-    """CSR of the transposed masked weight (rows = inputs), cached per version."""
+def csr_t(w: Tensor, mask: Tensor, groups: int = 1, flip: bool = False
+          ) -> tuple[Tensor, Tensor, Tensor]:
+    """CSR of the transposed masked weight (rows = inputs), cached per version.
+
+    ``flip`` also reverses the kernel taps: the weight of a stride-1 transposed convolution
+    written as a plain convolution (how the conv input gradient reuses the forward kernel).
+    """
 
     def build() -> tuple[Tensor, Tensor, Tensor]:
-        mt = _rows_t(mask, groups)
+        m, wd = (mask.flip(2, 3), w.detach().flip(2, 3)) if flip else (mask, w.detach())
+        mt = _rows_t(m, groups)
         rowptr, col = _pattern(mt)
-        return rowptr, col, _rows_t(w.detach(), groups)[mt].contiguous()
+        return rowptr, col, _rows_t(wd, groups)[mt].contiguous()
 
-    return _cache.get(w, mask, f"csr_t{groups}", build)
+    return _cache.get(w, mask, f"csr_t{groups}{'f' if flip else ''}", build)
 
 
 def pattern(mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -132,7 +138,17 @@ class Conv2dOps:
     def grad_input(self, gy: Tensor, x: Tensor, w: Tensor, mask: Tensor, conv: Conv) -> Tensor:
         """Gradient of the convolution w.r.t. its input (``x`` gives the shape)."""
         if _use_sparse(gy, mask):
-            rowptr, col, val = csr_t(w, mask, conv[3])
+            stride, padding, dilation, groups = conv
+            oc, cg, kh, kw = w.shape
+            # Stride 1: the input gradient is a plain convolution of gy with the flipped,
+            # transposed weight and padding d*(k-1)-p, which runs the register-blocked kernel.
+            pad_t = [dilation[0] * (kh - 1) - padding[0], dilation[1] * (kw - 1) - padding[1]]
+            if list(stride) == [1, 1] and min(pad_t) >= 0:
+                rowptr, col, val = csr_t(w, mask, groups, flip=True)
+                return self._ext.conv_forward(gy, rowptr, col, val,
+                                              [cg * groups, oc // groups, kh, kw], None,
+                                              [1, 1], pad_t, list(dilation), groups)
+            rowptr, col, val = csr_t(w, mask, groups)
             return self._ext.conv_grad_input(gy, list(x.shape), rowptr, col, val, list(w.shape),
                                              *conv)
         return _conv_backward(gy, x, _cache.masked_weight(w, mask), conv, (True, False))[0]

@@ -1,8 +1,9 @@
 """The ``cuda`` backend: plain CUDA kernels behind ``extern "C"`` launchers.
 
 The extension takes the raw CUDA stream as an integer; :class:`_StreamBound` passes the
-current stream of the tensors' device so callers use the same signatures as other
-backends.
+current stream of the tensors' device (and makes that device current for the launch) so
+callers use the same signatures as other backends. The masked ops' kernels are fp32/fp64
+(linear) and fp32 (conv); other dtypes raise a clear error from the binding.
 """
 
 from __future__ import annotations
@@ -44,8 +45,15 @@ class _StreamBound:
         def call(*args: Any, **kwargs: Any) -> Any:
             import torch
 
-            kwargs.setdefault("stream", torch.cuda.current_stream().cuda_stream)
-            return fn(*args, **kwargs)
+            # Launch on the tensors' device and its current stream (not the process's
+            # current device), so tensors on cuda:1 work while cuda:0 is current.
+            dev = next((a.device for a in args if isinstance(a, torch.Tensor) and a.is_cuda), None)
+            if dev is None:
+                kwargs.setdefault("stream", torch.cuda.current_stream().cuda_stream)
+                return fn(*args, **kwargs)
+            with torch.cuda.device(dev):
+                kwargs.setdefault("stream", torch.cuda.current_stream(dev).cuda_stream)
+                return fn(*args, **kwargs)
 
         return call
 

@@ -108,11 +108,16 @@ def train(
     return {"out": str(out_path), "history": hist.as_dict()}
 
 
-def imp_schedule(sparsity: float, rounds: int) -> tuple[float, ...]:
-    """IMP targets reaching ``sparsity`` in ``rounds`` rounds pruning the same fraction of
-    the survivors each round (e.g. 0.875 in 3 rounds: 0.5, 0.75, 0.875)."""
-    keep = 1.0 - sparsity
-    return tuple(1.0 - keep ** ((i + 1) / rounds) for i in range(rounds))
+def imp_schedule(sparsity: float, rounds: int, start: float = 0.0) -> tuple[float, ...]:
+    """IMP targets going from ``start`` to ``sparsity`` in ``rounds`` rounds, each pruning
+    the same fraction of the survivors (0 -> 0.875 in 3 rounds: 0.5, 0.75, 0.875)."""
+    if not start < sparsity:
+        raise ValueError(f"the model is already {start:.4f} sparse; IMP needs a higher "
+                         f"--sparsity than that, got {sparsity}")
+    ratio = (1.0 - sparsity) / (1.0 - start)
+    out = [1.0 - (1.0 - start) * ratio ** ((i + 1) / rounds) for i in range(rounds)]
+    out[-1] = sparsity  # exact target despite float rounding
+    return tuple(out)
 
 
 def prune(
@@ -161,9 +166,10 @@ def _prune(
         kw = dict(method=train_method, epochs=epochs, lr=lr, eps=eps, steps=steps,
                   progress=progress)
         if method == "imp":
+            start = _lib("nn").sparsity(net) if modelio.is_masked(net) else 0.0
+            schedule = imp_schedule(sparsity, rounds, start)
             net = _lib("nn").sparsify(net) if not modelio.is_masked(net) else net
-            p.imp(net, lambda m: _fit(m, loaders, **kw), sparsities=imp_schedule(sparsity, rounds),
-                  scope=scope)
+            p.imp(net, lambda m: _fit(m, loaders, **kw), sparsities=schedule, scope=scope)
         else:
             net = p.hydra(net, sparsity, loaders[0], epochs=epochs, eps=eps, alpha=eps / 4,
                           steps=steps, scope=scope, progress=progress)

@@ -7,15 +7,17 @@ Stages (each saved atomically to ``<out>/stages/<name>.pt``, skipped when rerun)
                        model, rewind of the survivors to the early weights, adversarial retraining.
 * ``iwi_ticket``       a dense network of the same architecture inheriting the sparsest
                        ticket's surviving weights (``mode="ticket"``), trained adversarially.
-* ``iwi_widen``        a ``widen``-times wider network inheriting the dense one's weights
-                       (``mode="widen"``), trained adversarially.
+* ``iwi_widen2x``      a ``widen``-times wider network inheriting the dense one's weights
+                       (``mode="widen"``, ``init="preserve"``), trained adversarially.
 * ``eval_<model>``     clean / robust accuracy and the sparsity-robustness metrics.
 
 Then ``results.json``, ``results.md`` and the plots are (re)written from the stage results.
+A training stage also passes ``fit`` a scratch checkpoint (``<name>.partial.pt``), so a run
+killed mid-training resumes from the last finished epoch.
 
-On digits (8x8, one channel) the L-inf radius is 0.1, not CIFAR's 8/255: at 8x8 a pixel
-change of 8/255 barely moves a prediction, so robust accuracy would equal clean accuracy
-and the table would say nothing.
+On digits the L-inf radius is 0.1, not CIFAR's 8/255: digits pixels are multiples of 1/16
+(17 grey levels), so 8/255 is half a grey level. At 0.1, PGD-AT gives robust accuracy
+clearly below clean accuracy (default run, dense model: 97.5% clean, 81.7% worst case).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ class DemoConfig:
     epochs: int = 8
     retrain_epochs: int = 4
     lr: float = 0.1
-    iwi_lr: float = 0.05
+    iwi_lr: float = 0.02
     batch_size: int = 128
     eps: float = 0.1
     train_steps: int = 10
@@ -218,7 +220,7 @@ class Demo:
         # (all-zero new units would get zero gradient forever).
         init = "preserve" if mode == "widen" else "zero"
         target = _lib("iwi").inherit(source, target, mode=mode, init=init)
-        # Half the lr: from already-trained weights, lr 0.1 diverged on digits (measured).
+        # A lower lr: from already-trained weights, 0.1 and 0.05 diverged on digits (measured).
         hist = self._fit(target, name, self.cfg.retrain_epochs, lr=self.cfg.iwi_lr)
         return {"model": modelio.to_blob(target, arch, iwi_mode=mode), "history": hist.as_dict()}
 
@@ -263,7 +265,7 @@ class Demo:
         rows = []
         for name in c.row_names():
             ev = r.run(f"eval_{name}", lambda n=name: self.stage_eval(n))
-            rows.append(report.make_row(name, ev))
+            rows.append(report.make_row(name, ev, c.method))
         results = report.results_dict(
             c.as_dict(), rows, ran=list(r.ran), skipped=list(r.skipped),
             seconds=time.perf_counter() - t0,

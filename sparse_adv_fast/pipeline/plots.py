@@ -38,7 +38,8 @@ def accuracy_plot(results: dict[str, Any], path: Path) -> None:
     imp, other = _series(results["rows"])
     xs = [100 * r["sparsity"] for r in imp]
     ax.plot(xs, [100 * r["clean"] for r in imp], "o-", color="C0", label="IMP clean")
-    ax.plot(xs, [100 * r["worst_case"] for r in imp], "s-", color="C1", label="IMP robust")
+    ax.plot(xs, [100 * r["worst_case"] for r in imp], "s-", color="C1",
+            label="IMP robust (worst case)")
     for i, r in enumerate(other):
         x = 100 * r["sparsity"]
         ax.scatter([x], [100 * r["clean"]], marker="^", color=f"C{i + 2}",

@@ -10,11 +10,14 @@ from typing import Any
 
 from .stages import write_text_atomic
 
-LABELS = {"dense": "dense (PGD-AT)", "iwi_ticket": "IWI ticket -> dense"}
+LABELS = {"iwi_ticket": "IWI ticket -> dense"}
+METHOD_NAMES = {"pgd": "PGD-AT", "trades": "TRADES", "fgsm_rs": "FGSM-RS", "natural": "natural"}
 
 
-def label(name: str) -> str:
+def label(name: str, method: str = "pgd") -> str:
     """Human name of a row (``imp_80`` -> ``IMP ticket 80%``)."""
+    if name == "dense":
+        return f"dense ({METHOD_NAMES.get(method, method)})"
     if name in LABELS:
         return LABELS[name]
     if name.startswith("imp_"):
@@ -35,13 +38,13 @@ def finite(obj: Any) -> Any:
     return obj
 
 
-def make_row(name: str, ev: dict[str, Any]) -> dict[str, Any]:
-    """One table row from an ``eval_<name>`` stage result."""
+def make_row(name: str, ev: dict[str, Any], method: str = "pgd") -> dict[str, Any]:
+    """One table row from an ``eval_<name>`` stage result (``method``: the training one)."""
     m = finite(ev.get("metrics", {}))
     radius = m.get("first_order_radius", {}) if isinstance(m, dict) else {}
     return {
         "model": name,
-        "label": label(name),
+        "label": label(name, method),
         "sparsity": ev["sparsity"],
         "clean": ev["clean"],
         "robust": dict(ev["robust"]),
