@@ -91,3 +91,21 @@ def test_info_prints_versions_and_backends():
     assert "torch" in out and "backends:" in out
     for name in ("torch", "cpp", "triton", "cuda"):
         assert f"  {name}" in out
+
+
+def test_build_errors_are_trimmed_and_stale_locks_removed(tmp_path):
+    import os
+    import time
+
+    from sparse_adv_fast.backends import _build
+
+    log = "ninja: build stopped\nfoo.cpp:3:1: error: expected ';'\nlots of noise\n"
+    assert _build._short(log) == "foo.cpp:3:1: error: expected ';'"
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    _build._clear_stale_lock(tmp_path)
+    assert lock.exists(), "a fresh lock belongs to a running build"
+    old = time.time() - _build.STALE_LOCK_SECONDS - 5
+    os.utime(lock, (old, old))
+    _build._clear_stale_lock(tmp_path)
+    assert not lock.exists()

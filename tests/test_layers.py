@@ -6,11 +6,11 @@ import copy
 
 import pytest
 import torch
+from tolerances import assert_close
 from torch import nn
 
 import sparse_adv_fast as saf
 from sparse_adv_fast.nn import MaskedConv2d, MaskedLinear
-from tolerances import assert_close
 
 
 def _net() -> nn.Module:

@@ -39,14 +39,22 @@ _GRID = [
 ]
 
 
+_THRESHOLDS = ("LINEAR_SPARSE_DENSITY", "CONV_SPARSE_DENSITY", "CONV_GRAD_WEIGHT_SPARSE_DENSITY")
+
+
+def _force_threshold(monkeypatch, value: float) -> None:
+    for name in _THRESHOLDS:
+        monkeypatch.setattr(_cpp_ops, name, value)
+
+
 @pytest.fixture
 def path(request, monkeypatch):
-    """Force the cpp backend's path by moving its density threshold."""
+    """Force the cpp backend's path by moving its density thresholds."""
     mode = request.param if hasattr(request, "param") else None
     if mode == "sparse":
-        monkeypatch.setattr(_cpp_ops, "SPARSE_DENSITY", 1.0)
+        _force_threshold(monkeypatch, 1.0)
     elif mode == "dense":
-        monkeypatch.setattr(_cpp_ops, "SPARSE_DENSITY", -1.0)
+        _force_threshold(monkeypatch, -1.0)
     return mode
 
 
@@ -193,7 +201,7 @@ def test_attack_backward_computes_no_weight_grad(backend, path, monkeypatch):
 @pytest.mark.parametrize("backend", ["cpp" if "cpp" in cpu_backends() else "torch"])
 def test_opcheck_custom_ops(backend, monkeypatch):
     # Sparse path: the dense one is torch's own kernels; opcheck the native code.
-    monkeypatch.setattr(_cpp_ops, "SPARSE_DENSITY", 1.0)
+    _force_threshold(monkeypatch, 1.0)
     x, w = torch.randn(3, 6), torch.randn(4, 6)
     mask, b = torch.rand(4, 6) < 0.5, torch.randn(4)
     xc, wc = torch.randn(2, 4, 6, 6), torch.randn(6, 2, 3, 3)
@@ -214,7 +222,7 @@ def test_opcheck_custom_ops(backend, monkeypatch):
 
 @pytest.mark.skipif("cpp" not in cpu_backends(), reason="needs a C++ compiler")
 def test_csr_cache_built_once_per_weight_version(monkeypatch):
-    monkeypatch.setattr(_cpp_ops, "SPARSE_DENSITY", 0.5)
+    monkeypatch.setattr(_cpp_ops, "LINEAR_SPARSE_DENSITY", 0.5)
     w, x = torch.randn(16, 12), torch.randn(4, 12)
     mask = _mask(w.shape, 0.2, "cpu")
     with backends.using("cpp"):
@@ -245,7 +253,7 @@ def test_cpp_chooses_path_by_density(monkeypatch):
     with backends.using("cpp"):
         masked_linear(x, w, _mask(w.shape, 0.9, "cpu"))
         assert calls == []
-        masked_linear(x, w, _mask(w.shape, _cpp_ops.SPARSE_DENSITY / 4, "cpu"))
+        masked_linear(x, w, _mask(w.shape, _cpp_ops.LINEAR_SPARSE_DENSITY / 4, "cpu"))
         assert calls == ["spmm"]
 
 

@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import threading
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -68,10 +69,32 @@ def load(op: str, flavour: str) -> ModuleType:
             try:
                 mod = _jit(op, flavour, name)
             except Exception as e:
-                _failed[name] = f"building {name} failed: {e}"
+                _failed[name] = f"building {name} failed: {_short(str(e))}"
                 raise RuntimeError(_failed[name]) from e
         _built[name] = mod
         return mod
+
+
+def _short(message: str, keep: int = 12) -> str:
+    """The compiler's error lines out of a build log (the whole log is rarely readable)."""
+    lines = [ln.strip() for ln in message.splitlines() if "error" in ln.lower()]
+    return " | ".join(lines[:keep]) if lines else message.strip()[-2000:]
+
+
+# A build killed half-way leaves torch's lock file behind and every later build waits on it
+# forever; a real build here takes about a minute, so a lock this old is stale.
+STALE_LOCK_SECONDS = 600
+
+
+def _clear_stale_lock(build_dir: Path) -> None:
+    lock = build_dir / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_SECONDS:
+        _log.warning("sparse_adv_fast: removing stale build lock %s (%.0f s old)", lock, age)
+        lock.unlink(missing_ok=True)
 
 
 def _jit(op: str, flavour: str, name: str) -> ModuleType:
@@ -96,6 +119,7 @@ def _jit(op: str, flavour: str, name: str) -> ModuleType:
     if missing:
         raise FileNotFoundError(f"missing sources: {', '.join(missing)}")
     print(f"sparse_adv_fast: building {name} (first use; cached afterwards)...", file=sys.stderr)
+    _clear_stale_lock(Path(cpp_extension._get_build_directory(f"saf{name}", verbose=False)))
     return cpp_extension.load(
         name=f"saf{name}",
         sources=sources,

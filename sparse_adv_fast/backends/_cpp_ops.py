@@ -1,7 +1,8 @@
 """Python layer of the ``cpp`` backend for the masked ops: dense vs sparse choice.
 
 Dense-ish masks run torch's BLAS / oneDNN kernels on the cached masked weight (so a masked
-layer costs what a dense one does). At or below :data:`SPARSE_DENSITY` the op switches to
+layer costs what a dense one does). At or below a measured density (:data:`LINEAR_SPARSE_DENSITY`,
+:data:`CONV_SPARSE_DENSITY`, :data:`CONV_GRAD_WEIGHT_SPARSE_DENSITY`) the op switches to
 the extension's sparse kernels over a CSR of the mask's structure, built once per
 weight/mask version through :func:`sparse_adv_fast.ops._cache.get` and dropped when the
 weight changes. ``grad_weight`` on the sparse path computes only the kept entries (SDDMM).
@@ -18,12 +19,17 @@ from torch import Tensor
 
 from ..ops import _cache
 
-# Density (kept fraction) at or below which the sparse kernels run. Measured with
-# benchmarks/bench_masked_ops.py (and a min-of-7 timing script) on the shared 2-core dev CPU
-# (AMD EPYC, AVX2, torch 2.13 CPU): linear 2048x2048 batch 256 fwd+grad_x is 1.7x dense at
-# density 0.1 and slower than dense at 0.2; conv 64->64 3x3 32x32 batch 32 is ~1.2x dense
-# at 0.1 and 0.6x at 0.2. 0.1 is the largest tested density where both ops gain.
-SPARSE_DENSITY = 0.1
+# Densities (kept fractions) at or below which the sparse kernels run. Measured with an
+# interleaved min-of-5 timing of fwd+grad_x ("attack") and fwd+grad_x+grad_w ("train") on the
+# shared 2-core dev CPU (AMD EPYC, AVX2, torch 2.13 CPU, oneDNN/BLAS dense baselines):
+#   linear 2048x2048 batch 256, sparse speed-up over dense at density 0.1/0.15/0.2/0.3:
+#     attack 2.6/2.4/1.9/1.2x, train 2.3/1.8/1.4/1.05x
+#   conv 64->64 3x3 32x32 batch 32 (padding 1):
+#     attack 2.1/1.6/1.2/0.95x, train 1.4/1.0/0.76/0.5x (the SDDMM weight grad is the limit)
+# Each threshold sits one step below the measured crossover, leaving margin for noise.
+LINEAR_SPARSE_DENSITY = 0.2
+CONV_SPARSE_DENSITY = 0.15  # conv forward and grad_input
+CONV_GRAD_WEIGHT_SPARSE_DENSITY = 0.1
 
 _SPARSE_DTYPES = (torch.float32, torch.float64)
 
@@ -35,8 +41,8 @@ def density(mask: Tensor) -> float:
     return _cache.get(mask, mask, "density", lambda: float(mask.sum()) / max(mask.numel(), 1))
 
 
-def _use_sparse(t: Tensor, mask: Tensor) -> bool:
-    return t.dtype in _SPARSE_DTYPES and mask.numel() > 0 and density(mask) <= SPARSE_DENSITY
+def _use_sparse(t: Tensor, mask: Tensor, limit: float) -> bool:
+    return t.dtype in _SPARSE_DTYPES and mask.numel() > 0 and density(mask) <= limit
 
 
 def _pattern(mask2d: Tensor) -> tuple[Tensor, Tensor]:
@@ -101,21 +107,21 @@ class LinearOps:
 
     def forward(self, x2d: Tensor, w: Tensor, mask: Tensor, b: Tensor | None) -> Tensor:
         """``x2d (w ⊙ mask)^T + b``."""
-        if _use_sparse(x2d, mask):
+        if _use_sparse(x2d, mask, LINEAR_SPARSE_DENSITY):
             rowptr, col, val = csr(w, mask)
             return self._ext.spmm(x2d, rowptr, col, val, w.shape[0], b)
         return F.linear(x2d, _cache.masked_weight(w, mask), b)
 
     def grad_input(self, gy2d: Tensor, w: Tensor, mask: Tensor) -> Tensor:
         """``gy2d (w ⊙ mask)``."""
-        if _use_sparse(gy2d, mask):
+        if _use_sparse(gy2d, mask, LINEAR_SPARSE_DENSITY):
             rowptr, col, val = csr_t(w, mask)
             return self._ext.spmm(gy2d, rowptr, col, val, w.shape[1], None)
         return gy2d @ _cache.masked_weight(w, mask)
 
     def grad_weight(self, gy2d: Tensor, x2d: Tensor, mask: Tensor) -> Tensor:
         """``(gy2d^T x2d) ⊙ mask`` with exact zeros at pruned positions."""
-        if _use_sparse(x2d, mask):
+        if _use_sparse(x2d, mask, LINEAR_SPARSE_DENSITY):
             rowptr, col = pattern(mask)
             return self._ext.sddmm(gy2d, x2d, rowptr, col)
         return torch.mm(gy2d.t(), x2d).mul_(mask)
@@ -129,7 +135,7 @@ class Conv2dOps:
 
     def forward(self, x: Tensor, w: Tensor, mask: Tensor, b: Tensor | None, conv: Conv) -> Tensor:
         """``conv2d(x, w ⊙ mask, b, *conv)``."""
-        if _use_sparse(x, mask):
+        if _use_sparse(x, mask, CONV_SPARSE_DENSITY):
             rowptr, col, val = csr(w, mask)
             return self._ext.conv_forward(x, rowptr, col, val, list(w.shape), b, *conv)
         stride, padding, dilation, groups = conv
@@ -137,7 +143,7 @@ class Conv2dOps:
 
     def grad_input(self, gy: Tensor, x: Tensor, w: Tensor, mask: Tensor, conv: Conv) -> Tensor:
         """Gradient of the convolution w.r.t. its input (``x`` gives the shape)."""
-        if _use_sparse(gy, mask):
+        if _use_sparse(gy, mask, CONV_SPARSE_DENSITY):
             stride, padding, dilation, groups = conv
             oc, cg, kh, kw = w.shape
             # Stride 1: the input gradient is a plain convolution of gy with the flipped,
@@ -155,7 +161,7 @@ class Conv2dOps:
 
     def grad_weight(self, gy: Tensor, x: Tensor, mask: Tensor, conv: Conv) -> Tensor:
         """Weight gradient, exact zeros at pruned positions."""
-        if _use_sparse(x, mask):
+        if _use_sparse(x, mask, CONV_GRAD_WEIGHT_SPARSE_DENSITY):
             rowptr, col = pattern(mask)
             return self._ext.conv_grad_weight(gy, x, rowptr, col, list(mask.shape), *conv)
         w_like = x.new_empty(mask.shape)  # only its shape is read
@@ -179,5 +185,6 @@ def wrap(op: str, ext: ModuleType) -> Any:
     return ext if cls is None else cls(ext)
 
 
-__all__ = ["SPARSE_DENSITY", "Conv2dOps", "LinearOps", "csr", "csr_t", "density", "pattern",
+__all__ = ["CONV_GRAD_WEIGHT_SPARSE_DENSITY", "CONV_SPARSE_DENSITY", "LINEAR_SPARSE_DENSITY",
+           "Conv2dOps", "LinearOps", "csr", "csr_t", "density", "pattern",
            "wrap"]

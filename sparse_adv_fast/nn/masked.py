@@ -71,9 +71,8 @@ class _MaskedMixin:
     _dense_cls: type[nn.Module]
 
     def _init_mask(self) -> None:
-        self.register_buffer(
-            "weight_mask", torch.ones(self.weight.shape, dtype=torch.bool, device=self.weight.device)
-        )
+        ones = torch.ones(self.weight.shape, dtype=torch.bool, device=self.weight.device)
+        self.register_buffer("weight_mask", ones)
         self._masked_at: tuple[int, int, int] | None = None
         _track(self)
 

@@ -54,7 +54,8 @@ def _entry(w: torch.Tensor, mask: torch.Tensor) -> _Entry:
     e = _entries.get(key)
     wv, mv = _versions(w, mask)
     if e is None or e.wref() is not w or e.mref() is not mask or (e.wver, e.mver) != (wv, mv):
-        e = _Entry(weakref.ref(w, lambda _r, k=key: _entries.pop(k, None)), weakref.ref(mask), wv, mv)
+        wref = weakref.ref(w, lambda _r, k=key: _entries.pop(k, None))
+        e = _Entry(wref, weakref.ref(mask), wv, mv)
         _entries[key] = e
     return e
 
