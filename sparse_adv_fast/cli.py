@@ -30,14 +30,29 @@ class _Parser(argparse.ArgumentParser):
 
 
 # ---- argument types -------------------------------------------------------------------------
-def _sparsity(text: str) -> float:
-    try:
-        s = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"sparsity must be a number, got {text!r}") from None
-    if not 0.0 <= s < 1.0:
-        raise argparse.ArgumentTypeError(f"sparsity must be in [0, 1), got {text}")
-    return s
+def _number(cast: Any, ok: Any, not_a_number: str, out_of_range: str) -> Any:
+    """An argparse type: ``cast`` the text, then require ``ok(value)``; the two messages
+    start the one-line error for text that does not parse and for a value out of range."""
+
+    def parse(text: str) -> Any:
+        try:
+            v = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{not_a_number}, got {text!r}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"{out_of_range}, got {text}")
+        return v
+
+    return parse
+
+
+_sparsity = _number(float, lambda v: 0.0 <= v < 1.0, "sparsity must be a number",
+                    "sparsity must be in [0, 1)")
+_positive_int = _number(int, lambda v: v >= 1, *["expected a positive integer"] * 2)
+_nonneg_int = _number(int, lambda v: v >= 0, *["expected an integer >= 0"] * 2)
+_positive_float = _number(float, lambda v: v > 0, *["expected a positive number"] * 2)
+_eps = _number(float, lambda v: 0.0 <= v <= 1.0, "eps must be a number",
+               "eps must be in [0, 1] (inputs are in [0, 1])")
 
 
 def _sparsities(text: str) -> tuple[float, ...]:
@@ -48,46 +63,6 @@ def _sparsities(text: str) -> tuple[float, ...]:
     if any(b <= a for a, b in zip(sp, sp[1:], strict=False)):
         raise argparse.ArgumentTypeError(f"sparsities must be strictly increasing, got {text}")
     return sp
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return v
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return v
-
-
-def _eps(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"eps must be a number, got {text!r}") from None
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"eps must be in [0, 1] (inputs are in [0, 1]): {text}")
-    return v
 
 
 def _suites(text: str) -> tuple[str, ...]:

@@ -147,7 +147,7 @@ def test_wrong_mask_shape_and_dtype_leave_model_unchanged():
     with pytest.raises(ValueError, match=r"mask shape \(3, 3\) does not match weight shape"):
         saf.apply_masks(model, bad_shape)
     bad_dtype = dict(good, **{"4": torch.ones(10, 54)})
-    with pytest.raises(TypeError, match="mask dtype must be torch.bool"):
+    with pytest.raises(TypeError, match="mask must be torch.bool"):
         saf.apply_masks(model, bad_dtype)
     with pytest.raises(ValueError, match="no masked layer named"):
         saf.apply_masks(model, {"nope": good["4"]})

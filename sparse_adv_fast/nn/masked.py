@@ -24,6 +24,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .. import functional as SF
 from ..ops import _cache
+from ..ops._checks import check_mask
 
 # id(weight) -> layer, for the optimizer post-step hook (verified by identity on use).
 _LAYERS: dict[int, weakref.ref] = {}
@@ -47,20 +48,6 @@ def _track(layer: _MaskedMixin) -> None:
         _HOOK = register_optimizer_step_post_hook(_remask_after_step)
     key = id(layer.weight)
     _LAYERS[key] = weakref.ref(layer, lambda _r, k=key: _LAYERS.pop(k, None))
-
-
-def check_mask(mask: Any, weight: Tensor, where: str = "mask") -> Tensor:
-    """Validate a mask for ``weight``: a bool tensor of the same shape."""
-    if not isinstance(mask, Tensor):
-        raise TypeError(f"{where}: expected a torch.bool tensor, got {type(mask).__name__}")
-    if mask.dtype is not torch.bool:
-        raise TypeError(f"{where}: mask dtype must be torch.bool, got {mask.dtype}")
-    if tuple(mask.shape) != tuple(weight.shape):
-        raise ValueError(
-            f"{where}: mask shape {tuple(mask.shape)} does not match weight shape "
-            f"{tuple(weight.shape)}"
-        )
-    return mask
 
 
 class _MaskedMixin:

@@ -6,20 +6,29 @@ import torch
 from torch import Tensor
 
 
+def check_mask(mask: object, weight: Tensor, where: str = "mask") -> Tensor:
+    """Validate a mask for ``weight``: a bool tensor of the same shape."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{where}: mask must be a torch.bool tensor, got {type(mask).__name__}")
+    if mask.dtype is not torch.bool:
+        raise TypeError(f"{where}: mask must be torch.bool, got {mask.dtype}")
+    if tuple(mask.shape) != tuple(weight.shape):
+        raise ValueError(
+            f"{where}: mask shape {tuple(mask.shape)} does not match weight shape "
+            f"{tuple(weight.shape)}"
+        )
+    return mask
+
+
 def check_masked_weight(
     x: Tensor, w: Tensor, mask: Tensor, b: Tensor | None, *, in_dim: int, w_in_dim: int, op: str,
     groups: int = 1,
 ) -> None:
     """Check shapes, dtypes and devices of ``x``, ``w``, ``mask`` and ``b`` for ``op``."""
-    for name, t in (("x", x), ("w", w), ("mask", mask)):
+    for name, t in (("x", x), ("w", w)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
-    if mask.dtype is not torch.bool:
-        raise TypeError(f"{op}: mask must be torch.bool, got {mask.dtype}")
-    if tuple(mask.shape) != tuple(w.shape):
-        raise ValueError(
-            f"{op}: mask shape {tuple(mask.shape)} does not match weight shape {tuple(w.shape)}"
-        )
+    check_mask(mask, w, op)
     if not x.is_floating_point() or not w.is_floating_point():
         raise TypeError(f"{op}: x and w must be floating point, got {x.dtype} and {w.dtype}")
     if x.dtype != w.dtype:
