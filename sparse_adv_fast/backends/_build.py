@@ -118,7 +118,8 @@ def _jit(op: str, flavour: str, name: str) -> ModuleType:
     missing = [s for s in sources if not Path(s).exists()]
     if missing:
         raise FileNotFoundError(f"missing sources: {', '.join(missing)}")
-    print(f"sparse_adv_fast: building {name} (first use; cached afterwards)...", file=sys.stderr)
+    msg = f"sparse_adv_fast: loading {name} (compiled on first use, then cached)..."
+    print(msg, file=sys.stderr)
     _clear_stale_lock(Path(cpp_extension._get_build_directory(f"saf{name}", verbose=False)))
     return cpp_extension.load(
         name=f"saf{name}",

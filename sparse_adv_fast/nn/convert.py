@@ -11,7 +11,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from .masked import MaskedConv2d, MaskedLinear, _MaskedMixin, check_mask
+from ..ops._checks import check_mask
+from .masked import MaskedConv2d, MaskedLinear, _MaskedMixin
 
 _SWAPS: dict[type, type] = {nn.Linear: MaskedLinear, nn.Conv2d: MaskedConv2d}
 Exclude = Iterable[str | type]

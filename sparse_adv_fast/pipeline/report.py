@@ -113,7 +113,8 @@ def legend(results: dict[str, Any]) -> str:
         + ("; worst case % = a sample counts only if it survives every attack" if "," in attacks
            else "")
         + "; sparsity % = fraction of exactly-zero weights in the conv/linear layers; "
-        "FO radius = first-order robustness radius, the median over test samples of the logit "
+        "FO radius = first-order robustness radius, the median over correctly classified "
+        "test samples of the logit "
         "margin divided by the dual norm (L1 for L-inf) of the margin's input gradient "
         "(larger = a bigger perturbation is needed to flip the prediction, to first order)."
     )
