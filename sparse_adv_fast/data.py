@@ -222,6 +222,24 @@ def _subset(ds: TensorDataset, n: int | None, seed: int, what: str):
     return Subset(ds, idx.tolist())
 
 
+def _check_loader_args(batch_size: int, num_workers: int) -> None:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+
+
+def _ordered(ds: Any, batch_size: int, num_workers: int) -> DataLoader:
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+
+def _shuffled(ds: Any, batch_size: int, num_workers: int, seed: int) -> DataLoader:
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        ds, batch_size=batch_size, shuffle=True, generator=gen, num_workers=num_workers
+    )
+
+
 def loaders(
     name: str,
     *,
@@ -238,21 +256,52 @@ def loaders(
     not depend on the global RNG, and ``fit`` checkpoints it); the test loader keeps order.
     ``train_subset`` / ``test_subset`` take a seeded random subset of that many samples.
     """
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+    _check_loader_args(batch_size, num_workers)
     _subset(TensorDataset(torch.zeros(1)), train_subset, seed, "train_subset")  # validate
     _subset(TensorDataset(torch.zeros(1)), test_subset, seed, "test_subset")
     train, test = load(name, data_dir)
     train = _subset(train, train_subset, seed, "train_subset")
     test = _subset(test, test_subset, seed + 1, "test_subset")
-    gen = torch.Generator().manual_seed(seed)
-    train_loader = DataLoader(
-        train, batch_size=batch_size, shuffle=True, generator=gen, num_workers=num_workers
-    )
-    test_loader = DataLoader(test, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    return train_loader, test_loader
+    return (_shuffled(train, batch_size, num_workers, seed),
+            _ordered(test, batch_size, num_workers))
 
 
-__all__ = ["DATASETS", "info", "load", "loaders"]
+def split_loaders(
+    name: str,
+    *,
+    val_size: int | float,
+    batch_size: int = 128,
+    data_dir: str | os.PathLike | None = None,
+    train_subset: int | None = None,
+    test_subset: int | None = None,
+    seed: int = 0,
+    num_workers: int = 0,
+) -> tuple[DataLoader, DataLoader, DataLoader]:
+    """``(train_loader, val_loader, test_loader)``: ``val_size`` training samples (a count,
+    or a fraction in (0, 1); a seeded random choice) are held out for validation, so model
+    selection and the catastrophic-overfitting check never look at the test split. Other
+    arguments as :func:`loaders`.
+    """
+    _check_loader_args(batch_size, num_workers)
+    _subset(TensorDataset(torch.zeros(1)), train_subset, seed, "train_subset")
+    _subset(TensorDataset(torch.zeros(1)), test_subset, seed, "test_subset")
+    train, test = load(name, data_dir)
+    train = _subset(train, train_subset, seed, "train_subset")
+    given = val_size
+    if isinstance(val_size, float) and 0.0 < val_size < 1.0:
+        val_size = max(1, round(val_size * len(train)))
+    if not isinstance(val_size, int) or isinstance(val_size, bool) or not 0 < val_size < len(train):
+        raise ValueError(
+            f"val_size must be an int in [1, {len(train) - 1}] or a fraction in (0, 1) for "
+            f"{name}, got {given!r}"
+        )
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 2))
+    val = Subset(train, order[:val_size].sort().values.tolist())
+    train = Subset(train, order[val_size:].sort().values.tolist())
+    test = _subset(test, test_subset, seed + 1, "test_subset")
+    return (_shuffled(train, batch_size, num_workers, seed),
+            _ordered(val, batch_size, num_workers),
+            _ordered(test, batch_size, num_workers))
+
+
+__all__ = ["DATASETS", "info", "load", "loaders", "split_loaders"]

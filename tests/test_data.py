@@ -194,3 +194,28 @@ def test_loaders_bad_arguments():
         data.loaders("digits", batch_size=0)
     with pytest.raises(ValueError, match="train_subset"):
         data.loaders("digits", train_subset=-5)
+
+
+def test_split_loaders_hold_out_validation_from_train_only():
+    train, val, test = data.split_loaders("digits", val_size=100, batch_size=512, seed=3)
+    full_train, full_test = data.load("digits")
+    xs_train = torch.cat([x for x, _ in train])
+    xs_val = torch.cat([x for x, _ in val])
+    xs_test = torch.cat([x for x, _ in test])
+    assert len(xs_val) == 100 and len(xs_train) == len(full_train) - 100
+    assert torch.equal(xs_test, full_test.tensors[0])
+    # train and val partition the training split: every training image is in exactly one
+    key = lambda t: {tuple(r.flatten().tolist()) for r in t}  # noqa: E731
+    assert key(xs_train) | key(xs_val) == key(full_train.tensors[0])
+    assert len(xs_train) + len(xs_val) == len(full_train)
+    again = data.split_loaders("digits", val_size=100, batch_size=512, seed=3)[1]
+    assert torch.equal(torch.cat([x for x, _ in again]), xs_val)
+    with pytest.raises(ValueError, match="val_size must be an int"):
+        data.split_loaders("digits", val_size=0)
+
+
+def test_split_loaders_accepts_a_fraction():
+    train, val, _ = data.split_loaders("digits", val_size=0.1, batch_size=4096)
+    n_train = len(data.load("digits")[0])
+    assert len(next(iter(val))[0]) == round(0.1 * n_train)
+    assert len(next(iter(train))[0]) == n_train - round(0.1 * n_train)

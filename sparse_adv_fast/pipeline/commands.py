@@ -28,6 +28,18 @@ EVAL_SUITES = ("pgd10", "pgd20x5", "fgsm", "apgd", "apgd-ce", "apgd-dlr")
 _PGD = re.compile(r"^pgd[1-9][0-9]*(x[1-9][0-9]*)?$")
 
 
+
+# Held out of the training split for validation (the catastrophic-overfitting check):
+# training commands never look at the test split.
+VAL_FRACTION = 0.1
+
+
+def _train_val(dataset: str, batch_size: int, data_dir: str | None, seed: int) -> tuple:
+    train, val, _ = _lib("data").split_loaders(
+        dataset, val_size=VAL_FRACTION, batch_size=batch_size, data_dir=data_dir, seed=seed
+    )
+    return train, val
+
 def check_suites(names: tuple[str, ...]) -> tuple[str, ...]:
     """Validate attack suite names: the named ones, ``pgd<k>`` or ``pgd<k>x<restarts>``."""
     bad = [n for n in names if n not in EVAL_SUITES and not _PGD.match(n)]
@@ -99,7 +111,7 @@ def train(
     arch = modelio.arch_spec(model, dataset, width)
     torch.manual_seed(seed)
     net = modelio.build(arch)  # unknown model names fail here, before data is read
-    loaders = _lib("data").loaders(dataset, batch_size=batch_size, data_dir=data_dir, seed=seed)
+    loaders = _train_val(dataset, batch_size, data_dir, seed)
     with runtime.threads_for(dataset):
         hist = _fit(net, loaders, method=method, epochs=epochs, lr=lr, eps=eps, steps=steps,
                     progress=progress)
@@ -161,8 +173,7 @@ def _prune(
     elif method == "random":
         net = p.random(net, sparsity, scope=scope, generator=torch.Generator().manual_seed(seed))
     else:
-        loaders = _lib("data").loaders(arch["dataset"], batch_size=batch_size,
-                                       data_dir=data_dir, seed=seed)
+        loaders = _train_val(arch["dataset"], batch_size, data_dir, seed)
         kw = dict(method=train_method, epochs=epochs, lr=lr, eps=eps, steps=steps,
                   progress=progress)
         if method == "imp":
@@ -210,8 +221,7 @@ def iwi(
         init = "preserve" if mode == "widen" else "zero"
     torch.manual_seed(seed)
     target = _lib("iwi").inherit(src, modelio.build(arch), mode=mode, init=init)
-    loaders = _lib("data").loaders(sarch["dataset"], batch_size=batch_size, data_dir=data_dir,
-                                   seed=seed)
+    loaders = _train_val(sarch["dataset"], batch_size, data_dir, seed)
     with runtime.threads_for(sarch["dataset"]):
         hist = _fit(target, loaders, method=method, epochs=epochs, lr=lr, eps=eps, steps=steps,
                     progress=progress)

@@ -60,6 +60,7 @@ class DemoConfig:
     eps: float = 0.1
     train_steps: int = 10
     val_batches: int = 2
+    val_size: int = 180  # training samples held out for validation (never the test split)
     sparsities: tuple[float, ...] = (0.5, 0.8, 0.9)
     widen: int = 2
     rewind_at: int = 12
@@ -152,16 +153,17 @@ class Demo:
         self.out = Path(out)
         self.progress = progress
         self.runner = StageRunner(self.out, config=cfg.as_dict(), fresh=fresh)
-        self._loaders: tuple[Any, Any] | None = None
+        self._loaders: tuple[Any, Any, Any] | None = None
         self.arch = modelio.arch_spec(cfg.model, cfg.dataset, 1)
 
     # -- helpers ------------------------------------------------------------------------------
     @property
-    def loaders(self) -> tuple[Any, Any]:
+    def loaders(self) -> tuple[Any, Any, Any]:
+        """``(train, val, test)``: validation (the CO check) is held out of training data."""
         if self._loaders is None:
             c = self.cfg
-            self._loaders = _lib("data").loaders(
-                c.dataset, batch_size=c.batch_size, data_dir=c.data_dir,
+            self._loaders = _lib("data").split_loaders(
+                c.dataset, val_size=c.val_size, batch_size=c.batch_size, data_dir=c.data_dir,
                 train_subset=c.train_subset, test_subset=c.eval_subset, seed=c.seed,
             )
         return self._loaders
@@ -174,7 +176,7 @@ class Demo:
              **kw: Any) -> Any:
         c = self.cfg
         return _lib("train").fit(
-            model, self.loaders, method=c.method, epochs=epochs, lr=lr or c.lr, eps=c.eps,
+            model, self.loaders[:2], method=c.method, epochs=epochs, lr=lr or c.lr, eps=c.eps,
             steps=c.train_steps, checkpoint=self.runner.scratch(stage), resume=True,
             progress=self.progress, val_batches=c.val_batches, **kw,
         )
@@ -228,7 +230,7 @@ class Demo:
         self._seed("eval_" + model_stage)
         c = self.cfg
         model = self._model(model_stage).eval()
-        _, test_loader = self.loaders
+        test_loader = self.loaders[2]
         res = _lib("train").evaluate(
             model, test_loader, attacks=c.eval_attacks, eps=c.eps, progress=self.progress
         )
