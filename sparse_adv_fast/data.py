@@ -240,6 +240,17 @@ def _shuffled(ds: Any, batch_size: int, num_workers: int, seed: int) -> DataLoad
     )
 
 
+def _datasets(name: str, data_dir: Any, train_subset: int | None, test_subset: int | None,
+              seed: int, batch_size: int, num_workers: int) -> tuple[Any, Any]:
+    """Checked arguments, then the (sub-sampled) train and test datasets."""
+    _check_loader_args(batch_size, num_workers)
+    _subset(TensorDataset(torch.zeros(1)), train_subset, seed, "train_subset")  # validate
+    _subset(TensorDataset(torch.zeros(1)), test_subset, seed, "test_subset")
+    train, test = load(name, data_dir)
+    return (_subset(train, train_subset, seed, "train_subset"),
+            _subset(test, test_subset, seed + 1, "test_subset"))
+
+
 def loaders(
     name: str,
     *,
@@ -256,12 +267,8 @@ def loaders(
     not depend on the global RNG, and ``fit`` checkpoints it); the test loader keeps order.
     ``train_subset`` / ``test_subset`` take a seeded random subset of that many samples.
     """
-    _check_loader_args(batch_size, num_workers)
-    _subset(TensorDataset(torch.zeros(1)), train_subset, seed, "train_subset")  # validate
-    _subset(TensorDataset(torch.zeros(1)), test_subset, seed, "test_subset")
-    train, test = load(name, data_dir)
-    train = _subset(train, train_subset, seed, "train_subset")
-    test = _subset(test, test_subset, seed + 1, "test_subset")
+    train, test = _datasets(name, data_dir, train_subset, test_subset, seed, batch_size,
+                            num_workers)
     return (_shuffled(train, batch_size, num_workers, seed),
             _ordered(test, batch_size, num_workers))
 
@@ -282,11 +289,8 @@ def split_loaders(
     selection and the catastrophic-overfitting check never look at the test split. Other
     arguments as :func:`loaders`.
     """
-    _check_loader_args(batch_size, num_workers)
-    _subset(TensorDataset(torch.zeros(1)), train_subset, seed, "train_subset")
-    _subset(TensorDataset(torch.zeros(1)), test_subset, seed, "test_subset")
-    train, test = load(name, data_dir)
-    train = _subset(train, train_subset, seed, "train_subset")
+    train, test = _datasets(name, data_dir, train_subset, test_subset, seed, batch_size,
+                            num_workers)
     given = val_size
     if isinstance(val_size, float) and 0.0 < val_size < 1.0:
         val_size = max(1, round(val_size * len(train)))
@@ -298,7 +302,6 @@ def split_loaders(
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 2))
     val = Subset(train, order[:val_size].sort().values.tolist())
     train = Subset(train, order[val_size:].sort().values.tolist())
-    test = _subset(test, test_subset, seed + 1, "test_subset")
     return (_shuffled(train, batch_size, num_workers, seed),
             _ordered(val, batch_size, num_workers),
             _ordered(test, batch_size, num_workers))
