@@ -127,10 +127,16 @@ def test_no_grad_autocast_channels_last():
     assert_close(out_bf.float(), ref, dtype=torch.bfloat16)
 
 
-def test_torch_compile_has_no_graph_break_inside_layers():
-    model = saf.sparsify(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)))
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_torch_compile_has_no_graph_break_inside_layers(kind):
+    if kind == "mlp":
+        model = saf.sparsify(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)))
+        x = torch.randn(4, 6)
+    else:
+        model = saf.sparsify(nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(),
+                                           nn.Flatten(), nn.Linear(3 * 5 * 5, 4)))
+        x = torch.randn(2, 2, 5, 5)
     saf.apply_masks(model, _random_masks(model))
-    x = torch.randn(4, 6)
     ref = model(x)
     explanation = torch._dynamo.explain(model)(x)
     assert explanation.graph_break_count == 0, explanation.break_reasons
