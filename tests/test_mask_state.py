@@ -172,3 +172,16 @@ def test_functional_op_cache_invalidated_by_in_place_update():
         y = saf.ops.masked_linear(x, w, mask)
     assert _cache.stats.builds == 2
     torch.testing.assert_close(y, x @ (w * mask).t())
+
+
+def test_reassigned_weight_parameter_is_masked_and_kept_zero():
+    model = _pruned(5)
+    layer = model[3]
+    layer.weight = nn.Parameter(torch.randn_like(layer.weight))  # e.g. a user re-init
+    x = torch.randn(4, 1, 6, 6)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).square().sum().backward()
+        opt.step()
+        assert torch.all(layer.weight[~layer.weight_mask] == 0)

@@ -70,7 +70,8 @@ class _MaskedMixin:
         key = (id(w), w._version, m._version)
         if self._masked_at == key:
             return
-        if _LAYERS.get(id(w)) is None:
+        ref = _LAYERS.get(id(w))
+        if ref is None or ref() is not self:
             _track(self)  # weight replaced (deepcopy, assignment): track the new one
         with torch.no_grad():
             if not bool(m.all()):
@@ -123,8 +124,7 @@ class _MaskedMixin:
     def to_dense(self) -> nn.Module:
         """The plain torch layer with the same (masked) parameters, mask dropped."""
         self.remask_()
-        dense = _shell(self._dense_cls, self)
-        return dense
+        return _shell(self._dense_cls, self)
 
     @classmethod
     def from_dense(cls, module: nn.Module, mask: Tensor | None = None):
