@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import cpu_backends, requires_cuda
 from tolerances import assert_close
 
@@ -255,6 +256,85 @@ def test_cpp_chooses_path_by_density(monkeypatch):
         assert calls == []
         masked_linear(x, w, _mask(w.shape, _cpp_ops.LINEAR_SPARSE_DENSITY / 4, "cpu"))
         assert calls == ["spmm"]
+
+
+def _held_bytes() -> int:
+    """Bytes of every tensor the op cache holds, a tensor shared by two forms counted once."""
+    seen: dict[int, int] = {}
+    for e in list(_cache._entries.values()):
+        for form in e.forms.values():
+            for t in form if isinstance(form, (tuple, list)) else (form,):
+                if isinstance(t, torch.Tensor):
+                    seen[t.data_ptr()] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
+@pytest.mark.skipif("cpp" not in cpu_backends(), reason="needs a C++ compiler")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sparse_linear_holds_one_compact_csr(dtype, monkeypatch):
+    """A train step on the sparse path caches one CSR: int16 columns + values + row offsets
+    (counted here from the mask), and no transposed copy for the input gradient."""
+    monkeypatch.setattr(_cpp_ops, "LINEAR_SPARSE_DENSITY", 1.0)
+    out, inp = 48, 40
+    w = torch.randn(out, inp, dtype=dtype, requires_grad=True)
+    x = torch.randn(5, inp, dtype=dtype, requires_grad=True)
+    mask = _mask(w.shape, 0.2, "cpu")
+    nnz = sum(int(v) for row in mask.tolist() for v in row)
+    _cache.clear()
+    with backends.using("cpp"):
+        masked_linear(x, w, mask).sum().backward()
+    forms = [k for e in _cache._entries.values() for k in e.forms]
+    assert not any(k.startswith("csr_t") for k in forms), forms
+    itemsize = torch.finfo(dtype).bits // 8
+    assert _held_bytes() <= nnz * (2 + itemsize) + (out + 1) * 8
+    _cache.clear()
+
+
+@pytest.mark.skipif("cpp" not in cpu_backends(), reason="needs a C++ compiler")
+@pytest.mark.parametrize("index", [torch.int16, torch.int32])
+@pytest.mark.parametrize("batch", [1, 3, 37, 70])
+def test_linear_kernels_take_either_index_width(index, batch):
+    """spmm / spmm_t (scatter through the forward CSR) / sddmm against dense torch, for both
+    column widths (int32 is what rows longer than int16 can index get)."""
+    ext = backends.cpp.loader("masked_linear")._ext
+    w, mask = torch.randn(33, 45, dtype=torch.float64), _mask((33, 45), 0.3, "cpu")
+    x, gy = torch.randn(batch, 45, dtype=torch.float64), torch.randn(batch, 33, dtype=torch.float64)
+    rowptr, col, val = _cpp_ops.csr(w, mask, index)
+    assert col.dtype == index
+    wm = torch.where(mask, w, torch.zeros_like(w))
+    assert_close(ext.spmm(x, rowptr, col, val, 33, None), x @ wm.t())
+    assert_close(ext.spmm_t(gy, rowptr, col, val, 45), gy @ wm)
+    gw = ext.sddmm(gy, x, rowptr, col)
+    assert_close(gw, torch.where(mask, gy.t() @ x, torch.zeros_like(gw)))
+    assert bool((gw[~mask] == 0).all())
+    assert _cpp_ops.index_dtype(32768) == torch.int16 and _cpp_ops.index_dtype(32769) == torch.int32
+
+
+@pytest.mark.skipif("cpp" not in cpu_backends(), reason="needs a C++ compiler")
+@pytest.mark.parametrize("index", [torch.int16, torch.int32])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv_kernels_take_either_index_width(index, stride):
+    """The conv sparse kernels agree with torch's convolution for both column widths."""
+    ext = backends.cpp.loader("masked_conv2d")._ext
+    x = torch.randn(2, 4, 7, 6, dtype=torch.float64)
+    w = torch.randn(6, 2, 3, 3, dtype=torch.float64)
+    mask = _mask(w.shape, 0.4, "cpu")
+    conv = ([stride, stride], [1, 1], [1, 1], 2)
+    wm = torch.where(mask, w, torch.zeros_like(w))
+    rowptr, col, val = _cpp_ops.csr(w, mask, index)
+    y = ext.conv_forward(x, rowptr, col, val, list(w.shape), None, *conv)
+    assert_close(y, F.conv2d(x, wm, None, stride, 1, 1, 2))
+    gy = torch.randn_like(y)
+    xr, wr = x.clone().requires_grad_(), wm.clone().requires_grad_()
+    F.conv2d(xr, wr, None, stride, 1, 1, 2).backward(gy)
+    rt, ct, vt = _cpp_ops.csr_t(w, mask, 2, index=index)
+    assert ct.dtype == index
+    gx = ext.conv_grad_input(gy, list(x.shape), rt, ct, vt, list(w.shape), *conv)
+    assert_close(gx, xr.grad)
+    rp, cp = _cpp_ops.pattern(mask, index)
+    gw = ext.conv_grad_weight(gy, x, rp, cp, list(w.shape), *conv)
+    assert_close(gw, torch.where(mask, wr.grad, torch.zeros_like(gw)))
+    assert bool((gw[~mask] == 0).all())
 
 
 class _Recorder:

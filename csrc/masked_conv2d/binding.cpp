@@ -10,16 +10,16 @@ namespace saf_mc {
 struct Geom {
   int64_t N, C, H, W, OC, KH, KW, G, sh, sw, ph, pw, dh, dw, OH, OW;
 };
-template <typename T>
-void conv_forward(const Geom&, const T*, const int64_t*, const int32_t*, const T*, const T*,
+template <typename T, typename I>
+void conv_forward(const Geom&, const T*, const int64_t*, const I*, const T*, const T*,
                   T*);
-template <typename T>
-void conv_forward_s1(const Geom&, const T*, int64_t, int64_t, const int64_t*, const int32_t*,
+template <typename T, typename I>
+void conv_forward_s1(const Geom&, const T*, int64_t, int64_t, const int64_t*, const I*,
                      const T*, const T*, T*);
-template <typename T>
-void conv_grad_input(const Geom&, const T*, const int64_t*, const int32_t*, const T*, T*);
-template <typename T>
-void conv_grad_weight(const Geom&, const T*, const T*, const int64_t*, const int32_t*, T*);
+template <typename T, typename I>
+void conv_grad_input(const Geom&, const T*, const int64_t*, const I*, const T*, T*);
+template <typename T, typename I>
+void conv_grad_weight(const Geom&, const T*, const T*, const int64_t*, const I*, T*);
 }  // namespace saf_mc
 
 namespace {
@@ -46,8 +46,18 @@ void check_csr(const at::Tensor& rowptr, const at::Tensor& col, int64_t rows) {
   TORCH_CHECK(rowptr.scalar_type() == at::kLong && rowptr.is_contiguous() &&
                   rowptr.numel() == rows + 1,
               "masked_conv2d cpp: rowptr must be contiguous int64 of length rows+1");
-  TORCH_CHECK(col.scalar_type() == at::kInt && col.is_contiguous(),
-              "masked_conv2d cpp: col must be contiguous int32");
+  TORCH_CHECK((col.scalar_type() == at::kInt || col.scalar_type() == at::kShort) &&
+                  col.is_contiguous(),
+              "masked_conv2d cpp: col must be contiguous int32 or int16");
+}
+
+// Runs f(index_t*) with the CSR column array at its stored width.
+template <typename F>
+void with_col(const at::Tensor& col, F&& f) {
+  if (col.scalar_type() == at::kShort)
+    f(col.data_ptr<int16_t>());
+  else
+    f(col.data_ptr<int32_t>());
 }
 
 at::Tensor conv_forward(const at::Tensor& x_in, const at::Tensor& rowptr, const at::Tensor& col,
@@ -63,19 +73,23 @@ at::Tensor conv_forward(const at::Tensor& x_in, const at::Tensor& rowptr, const 
   if (g.sw == 1) {  // register-blocked kernel over a zero-padded copy of x
     at::Tensor xp = at::constant_pad_nd(x, {g.pw, g.pw, g.ph, g.ph}, 0).contiguous();
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "saf_conv_forward_s1", [&] {
-      saf_mc::conv_forward_s1<scalar_t>(g, xp.data_ptr<scalar_t>(), xp.size(2), xp.size(3),
-                                        rowptr.data_ptr<int64_t>(), col.data_ptr<int32_t>(),
-                                        val.data_ptr<scalar_t>(),
-                                        b.defined() ? b.data_ptr<scalar_t>() : nullptr,
-                                        y.data_ptr<scalar_t>());
+      with_col(col, [&](auto* c) {
+        saf_mc::conv_forward_s1<scalar_t>(g, xp.data_ptr<scalar_t>(), xp.size(2), xp.size(3),
+                                          rowptr.data_ptr<int64_t>(), c,
+                                          val.data_ptr<scalar_t>(),
+                                          b.defined() ? b.data_ptr<scalar_t>() : nullptr,
+                                          y.data_ptr<scalar_t>());
+      });
     });
     return y;
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "saf_conv_forward", [&] {
-    saf_mc::conv_forward<scalar_t>(g, x.data_ptr<scalar_t>(), rowptr.data_ptr<int64_t>(),
-                                   col.data_ptr<int32_t>(), val.data_ptr<scalar_t>(),
-                                   b.defined() ? b.data_ptr<scalar_t>() : nullptr,
-                                   y.data_ptr<scalar_t>());
+    with_col(col, [&](auto* c) {
+      saf_mc::conv_forward<scalar_t>(g, x.data_ptr<scalar_t>(), rowptr.data_ptr<int64_t>(), c,
+                                     val.data_ptr<scalar_t>(),
+                                     b.defined() ? b.data_ptr<scalar_t>() : nullptr,
+                                     y.data_ptr<scalar_t>());
+    });
   });
   return y;
 }
@@ -91,9 +105,11 @@ at::Tensor conv_grad_input(const at::Tensor& gy_in, IntList x_shape, const at::T
   check_csr(rowptrT, colT, g.C);
   at::Tensor gx = at::empty({g.N, g.C, g.H, g.W}, gy.options());
   AT_DISPATCH_FLOATING_TYPES(gy.scalar_type(), "saf_conv_grad_input", [&] {
-    saf_mc::conv_grad_input<scalar_t>(g, gy.data_ptr<scalar_t>(), rowptrT.data_ptr<int64_t>(),
-                                      colT.data_ptr<int32_t>(), valT.data_ptr<scalar_t>(),
-                                      gx.data_ptr<scalar_t>());
+    with_col(colT, [&](auto* c) {
+      saf_mc::conv_grad_input<scalar_t>(g, gy.data_ptr<scalar_t>(),
+                                        rowptrT.data_ptr<int64_t>(), c,
+                                        valT.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>());
+    });
   });
   return gx;
 }
@@ -108,9 +124,10 @@ at::Tensor conv_grad_weight(const at::Tensor& gy_in, const at::Tensor& x_in,
   check_csr(rowptr, col, g.OC);
   at::Tensor gw = at::zeros(w_shape, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "saf_conv_grad_weight", [&] {
-    saf_mc::conv_grad_weight<scalar_t>(g, gy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
-                                       rowptr.data_ptr<int64_t>(), col.data_ptr<int32_t>(),
-                                       gw.data_ptr<scalar_t>());
+    with_col(col, [&](auto* c) {
+      saf_mc::conv_grad_weight<scalar_t>(g, gy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+                                         rowptr.data_ptr<int64_t>(), c, gw.data_ptr<scalar_t>());
+    });
   });
   return gw;
 }

@@ -3,7 +3,8 @@
 //
 // Forward CSR: rows = output channels, column code = cl*KH*KW + ky*KW + kx (cl = input
 // channel within the group). Transposed CSR (grad_input): rows = global input channel,
-// code = ocl*KH*KW + ky*KW + kx (ocl = output channel within the group).
+// code = ocl*KH*KW + ky*KW + kx (ocl = output channel within the group). Codes are int16
+// when they fit (the Python layer picks the width), else int32.
 #include <omp.h>
 
 #include <algorithm>
@@ -24,8 +25,8 @@ inline void valid_range(int64_t off, int64_t s, int64_t size, int64_t out, int64
   if (hi < lo) hi = lo;
 }
 
-template <typename T>
-void conv_forward(const Geom& g, const T* x, const int64_t* rowptr, const int32_t* col,
+template <typename T, typename I>
+void conv_forward(const Geom& g, const T* x, const int64_t* rowptr, const I* col,
                   const T* val, const T* bias, T* y) {
   const int64_t Cg = g.C / g.G, OCg = g.OC / g.G, KK = g.KH * g.KW, P = g.OH * g.OW;
 #pragma omp parallel for collapse(2) schedule(dynamic, 1)
@@ -62,9 +63,9 @@ void conv_forward(const Geom& g, const T* x, const int64_t* rowptr, const int32_
 // Stride-1 (along W) forward on a zero-padded input (N, C, Hp, Wp): every tap of every
 // output row is in bounds, so an output row segment is accumulated in vector registers over
 // all kept taps of its channel and stored once (no read-modify-write of y per tap).
-template <typename T>
+template <typename T, typename I>
 void conv_forward_s1(const Geom& g, const T* xpad, int64_t Hp, int64_t Wp,
-                     const int64_t* rowptr, const int32_t* col, const T* val, const T* bias,
+                     const int64_t* rowptr, const I* col, const T* val, const T* bias,
                      T* y) {
   typedef T V __attribute__((vector_size(32)));
   constexpr int VL = 32 / sizeof(T), NV = 4;
@@ -124,8 +125,8 @@ void conv_forward_s1(const Geom& g, const T* xpad, int64_t Hp, int64_t Wp,
   }
 }
 
-template <typename T>
-void conv_grad_input(const Geom& g, const T* gy, const int64_t* rowptrT, const int32_t* colT,
+template <typename T, typename I>
+void conv_grad_input(const Geom& g, const T* gy, const int64_t* rowptrT, const I* colT,
                      const T* valT, T* gx) {
   const int64_t Cg = g.C / g.G, OCg = g.OC / g.G, KK = g.KH * g.KW, P = g.OH * g.OW;
   const int64_t HW = g.H * g.W;
@@ -162,9 +163,9 @@ void conv_grad_input(const Geom& g, const T* gy, const int64_t* rowptrT, const i
 // gw at the stored positions only (SDDMM); gw (OC x Cg*KH*KW) pre-zeroed. Each thread
 // sums its images into a private nnz-long buffer (images stay cache-resident), then the
 // buffers are reduced.
-template <typename T>
+template <typename T, typename I>
 void conv_grad_weight(const Geom& g, const T* gy, const T* x, const int64_t* rowptr,
-                      const int32_t* col, T* gw) {
+                      const I* col, T* gw) {
   const int64_t Cg = g.C / g.G, OCg = g.OC / g.G, KK = g.KH * g.KW, P = g.OH * g.OW;
   const int64_t nnz = rowptr[g.OC];
   const int nt = omp_get_max_threads();
@@ -212,17 +213,19 @@ void conv_grad_weight(const Geom& g, const T* gy, const T* x, const int64_t* row
   }
 }
 
-#define SAF_INSTANTIATE(T)                                                                  \
-  template void conv_forward_s1<T>(const Geom&, const T*, int64_t, int64_t, const int64_t*, \
-                                   const int32_t*, const T*, const T*, T*);                 \
-  template void conv_forward<T>(const Geom&, const T*, const int64_t*, const int32_t*,      \
-                                const T*, const T*, T*);                                    \
-  template void conv_grad_input<T>(const Geom&, const T*, const int64_t*, const int32_t*,   \
-                                   const T*, T*);                                           \
-  template void conv_grad_weight<T>(const Geom&, const T*, const T*, const int64_t*,        \
-                                    const int32_t*, T*);
-SAF_INSTANTIATE(float)
-SAF_INSTANTIATE(double)
+#define SAF_INSTANTIATE(T, I)                                                              \
+  template void conv_forward_s1<T, I>(const Geom&, const T*, int64_t, int64_t,             \
+                                      const int64_t*, const I*, const T*, const T*, T*);   \
+  template void conv_forward<T, I>(const Geom&, const T*, const int64_t*, const I*,        \
+                                   const T*, const T*, T*);                                \
+  template void conv_grad_input<T, I>(const Geom&, const T*, const int64_t*, const I*,     \
+                                      const T*, T*);                                       \
+  template void conv_grad_weight<T, I>(const Geom&, const T*, const T*, const int64_t*,    \
+                                       const I*, T*);
+SAF_INSTANTIATE(float, int16_t)
+SAF_INSTANTIATE(float, int32_t)
+SAF_INSTANTIATE(double, int16_t)
+SAF_INSTANTIATE(double, int32_t)
 #undef SAF_INSTANTIATE
 
 }  // namespace saf_mc

@@ -7,11 +7,12 @@
 
 namespace saf_ml {
 template <typename T> void transpose(const T*, T*, int64_t, int64_t);
-template <typename T>
-void spmm_xAt(const int64_t*, const int32_t*, const T*, int64_t, const T*, int64_t, const T*,
-              T*);
-template <typename T>
-void sddmm(const int64_t*, const int32_t*, int64_t, int64_t, const T*, const T*, int64_t, T*);
+template <typename T, typename I>
+void spmm_xAt(const int64_t*, const I*, const T*, int64_t, const T*, int64_t, const T*, T*);
+template <typename T, typename I>
+void spmm_gyA(const int64_t*, const I*, const T*, int64_t, int64_t, const T*, int64_t, T*);
+template <typename T, typename I>
+void sddmm(const int64_t*, const I*, int64_t, int64_t, const T*, const T*, int64_t, T*);
 }  // namespace saf_ml
 
 namespace {
@@ -20,8 +21,18 @@ void check_csr(const at::Tensor& rowptr, const at::Tensor& col, int64_t rows) {
   TORCH_CHECK(rowptr.scalar_type() == at::kLong && rowptr.is_contiguous() &&
                   rowptr.numel() == rows + 1,
               "masked_linear cpp: rowptr must be contiguous int64 of length rows+1");
-  TORCH_CHECK(col.scalar_type() == at::kInt && col.is_contiguous(),
-              "masked_linear cpp: col must be contiguous int32");
+  TORCH_CHECK((col.scalar_type() == at::kInt || col.scalar_type() == at::kShort) &&
+                  col.is_contiguous(),
+              "masked_linear cpp: col must be contiguous int32 or int16");
+}
+
+// Runs f(index_t*) with the CSR column array at its stored width.
+template <typename F>
+void with_col(const at::Tensor& col, F&& f) {
+  if (col.scalar_type() == at::kShort)
+    f(col.data_ptr<int16_t>());
+  else
+    f(col.data_ptr<int32_t>());
 }
 
 at::Tensor transposed(const at::Tensor& x) {
@@ -46,12 +57,37 @@ at::Tensor spmm(const at::Tensor& x2d, const at::Tensor& rowptr, const at::Tenso
   at::Tensor b;
   if (bias.has_value() && bias->defined()) b = bias->contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "saf_spmm", [&] {
-    saf_ml::spmm_xAt<scalar_t>(rowptr.data_ptr<int64_t>(), col.data_ptr<int32_t>(),
-                               val.data_ptr<scalar_t>(), rows, xT.data_ptr<scalar_t>(),
-                               x.size(0), b.defined() ? b.data_ptr<scalar_t>() : nullptr,
-                               y.data_ptr<scalar_t>());
+    with_col(col, [&](auto* c) {
+      saf_ml::spmm_xAt<scalar_t>(rowptr.data_ptr<int64_t>(), c, val.data_ptr<scalar_t>(), rows,
+                                 xT.data_ptr<scalar_t>(), x.size(0),
+                                 b.defined() ? b.data_ptr<scalar_t>() : nullptr,
+                                 y.data_ptr<scalar_t>());
+    });
   });
   return y;
+}
+
+// gx (B x cols) = gy2d (B x rows) A, A in CSR (rows x cols): the input gradient through the
+// forward's CSR (no transposed CSR).
+at::Tensor spmm_t(const at::Tensor& gy2d, const at::Tensor& rowptr, const at::Tensor& col,
+                  const at::Tensor& val, int64_t cols) {
+  TORCH_CHECK(gy2d.dim() == 2 && gy2d.device().is_cpu(),
+              "masked_linear cpp: gy must be 2-D CPU");
+  const int64_t rows = gy2d.size(1);
+  check_csr(rowptr, col, rows);
+  at::Tensor gy = gy2d.contiguous();
+  TORCH_CHECK(val.scalar_type() == gy.scalar_type() && val.is_contiguous(),
+              "masked_linear cpp: values dtype must match gy");
+  at::Tensor gyT = transposed(gy);
+  at::Tensor gx = at::empty({gy.size(0), cols}, gy.options());
+  AT_DISPATCH_FLOATING_TYPES(gy.scalar_type(), "saf_spmm_t", [&] {
+    with_col(col, [&](auto* c) {
+      saf_ml::spmm_gyA<scalar_t>(rowptr.data_ptr<int64_t>(), c, val.data_ptr<scalar_t>(), rows,
+                                 cols, gyT.data_ptr<scalar_t>(), gy.size(0),
+                                 gx.data_ptr<scalar_t>());
+    });
+  });
+  return gx;
 }
 
 // gw (rows x K) = (gy2d^T x2d) at the CSR's stored positions, exact zeros elsewhere.
@@ -65,9 +101,10 @@ at::Tensor sddmm(const at::Tensor& gy2d, const at::Tensor& x2d, const at::Tensor
   at::Tensor xT = transposed(x2d.contiguous());
   at::Tensor gw = at::zeros({rows, K}, x2d.options());
   AT_DISPATCH_FLOATING_TYPES(x2d.scalar_type(), "saf_sddmm", [&] {
-    saf_ml::sddmm<scalar_t>(rowptr.data_ptr<int64_t>(), col.data_ptr<int32_t>(), rows, K,
-                            gyT.data_ptr<scalar_t>(), xT.data_ptr<scalar_t>(), B,
-                            gw.data_ptr<scalar_t>());
+    with_col(col, [&](auto* c) {
+      saf_ml::sddmm<scalar_t>(rowptr.data_ptr<int64_t>(), c, rows, K, gyT.data_ptr<scalar_t>(),
+                              xT.data_ptr<scalar_t>(), B, gw.data_ptr<scalar_t>());
+    });
   });
   return gw;
 }
@@ -165,6 +202,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sparse_adv_fast masked_linear kernels";
   m.def("spmm", &spmm, "y = x A^T + bias with A in CSR (CPU)", py::arg("x"), py::arg("rowptr"),
         py::arg("col"), py::arg("val"), py::arg("rows"), py::arg("bias") = py::none());
+  m.def("spmm_t", &spmm_t, "gx = gy A with A in CSR (CPU), no transposed CSR", py::arg("gy"),
+        py::arg("rowptr"), py::arg("col"), py::arg("val"), py::arg("cols"));
   m.def("sddmm", &sddmm, "(gy^T x) at the CSR positions, zeros elsewhere (CPU)", py::arg("gy"),
         py::arg("x"), py::arg("rowptr"), py::arg("col"));
 #ifdef SAF_WITH_CUDA

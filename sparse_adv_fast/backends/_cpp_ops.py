@@ -6,6 +6,9 @@ layer costs what a dense one does). At or below a measured density (:data:`LINEA
 the extension's sparse kernels over a CSR of the mask's structure, built once per
 weight/mask version through :func:`sparse_adv_fast.ops._cache.get` and dropped when the
 weight changes. ``grad_weight`` on the sparse path computes only the kept entries (SDDMM).
+Column indices are int16 when the row length allows. The linear layer holds one CSR: its
+input gradient scatters through the forward CSR instead of keeping a transposed one (the
+conv input gradient still uses a transposed CSR).
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ CONV_SPARSE_DENSITY = 0.15  # conv forward and grad_input
 CONV_GRAD_WEIGHT_SPARSE_DENSITY = 0.1
 
 _SPARSE_DTYPES = (torch.float32, torch.float64)
+# Rows up to this long index their columns in int16 (the largest index is 32767).
+_INT16_COLS = 1 << 15
 
 Conv = tuple[list[int], list[int], list[int], int]
 
@@ -45,13 +50,18 @@ def _use_sparse(t: Tensor, mask: Tensor, limit: float) -> bool:
     return t.dtype in _SPARSE_DTYPES and mask.numel() > 0 and density(mask) <= limit
 
 
-def _pattern(mask2d: Tensor) -> tuple[Tensor, Tensor]:
-    """CSR structure (rowptr int64, col int32) of a 2-D bool tensor, row-major order."""
+def _pattern(mask2d: Tensor, index: torch.dtype = torch.int32) -> tuple[Tensor, Tensor]:
+    """CSR structure (rowptr int64, col ``index``) of a 2-D bool tensor, row-major order."""
     counts = mask2d.sum(1)
     rowptr = torch.zeros(mask2d.shape[0] + 1, dtype=torch.int64)
     torch.cumsum(counts, 0, out=rowptr[1:])
-    col = mask2d.nonzero()[:, 1].to(torch.int32)
+    col = mask2d.nonzero()[:, 1].to(index)
     return rowptr, col
+
+
+def index_dtype(ncols: int) -> torch.dtype:
+    """Narrowest column-index dtype the sparse kernels take for rows of ``ncols`` entries."""
+    return torch.int16 if ncols <= _INT16_COLS else torch.int32
 
 
 def _rows(mask: Tensor) -> Tensor:
@@ -67,19 +77,25 @@ def _rows_t(t: Tensor, groups: int) -> Tensor:
     return t4.reshape(groups * cg, (oc // groups) * kk)
 
 
-def csr(w: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(rowptr, col, val)`` of ``w ⊙ mask`` with rows = outputs, cached per version."""
+def csr(w: Tensor, mask: Tensor, index: torch.dtype = torch.int32
+        ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(rowptr, col, val)`` of ``w ⊙ mask`` with rows = outputs, cached per version.
+
+    ``col`` has dtype ``index``; the structure is shared with :func:`pattern`.
+    """
 
     def build() -> tuple[Tensor, Tensor, Tensor]:
-        rowptr, col = pattern(mask)
+        rowptr, col = pattern(mask, index)
         return rowptr, col, w.detach().reshape(mask.shape[0], -1)[_rows(mask)].contiguous()
 
-    return _cache.get(w, mask, "csr", build)
+    return _cache.get(w, mask, f"csr{_INDEX_TAG[index]}", build)
 
 
-def csr_t(w: Tensor, mask: Tensor, groups: int = 1, flip: bool = False
-          ) -> tuple[Tensor, Tensor, Tensor]:
-    """CSR of the transposed masked weight (rows = inputs), cached per version.
+def csr_t(w: Tensor, mask: Tensor, groups: int = 1, flip: bool = False,
+          index: torch.dtype = torch.int32) -> tuple[Tensor, Tensor, Tensor]:
+    """CSR of the transposed masked weight (rows = inputs, ``index`` columns), cached per
+    version. Only the conv input gradient uses it (the linear one scatters through
+    :func:`csr`).
 
     ``flip`` also reverses the kernel taps: the weight of a stride-1 transposed convolution
     written as a plain convolution (how the conv input gradient reuses the forward kernel).
@@ -88,15 +104,19 @@ def csr_t(w: Tensor, mask: Tensor, groups: int = 1, flip: bool = False
     def build() -> tuple[Tensor, Tensor, Tensor]:
         m, wd = (mask.flip(2, 3), w.detach().flip(2, 3)) if flip else (mask, w.detach())
         mt = _rows_t(m, groups)
-        rowptr, col = _pattern(mt)
+        rowptr, col = _pattern(mt, index)
         return rowptr, col, _rows_t(wd, groups)[mt].contiguous()
 
-    return _cache.get(w, mask, f"csr_t{groups}{'f' if flip else ''}", build)
+    return _cache.get(w, mask, f"csr_t{groups}{'f' if flip else ''}{_INDEX_TAG[index]}", build)
 
 
-def pattern(mask: Tensor) -> tuple[Tensor, Tensor]:
-    """CSR structure of ``mask`` (rows = outputs), cached per mask version."""
-    return _cache.get(mask, mask, "pattern", lambda: _pattern(_rows(mask)))
+def pattern(mask: Tensor, index: torch.dtype = torch.int32) -> tuple[Tensor, Tensor]:
+    """CSR structure of ``mask`` (rows = outputs, ``index`` columns), cached per mask version."""
+    return _cache.get(mask, mask, f"pattern{_INDEX_TAG[index]}",
+                      lambda: _pattern(_rows(mask), index))
+
+
+_INDEX_TAG = {torch.int32: "", torch.int16: "16"}
 
 
 class LinearOps:
@@ -108,21 +128,21 @@ class LinearOps:
     def forward(self, x2d: Tensor, w: Tensor, mask: Tensor, b: Tensor | None) -> Tensor:
         """``x2d (w ⊙ mask)^T + b``."""
         if _use_sparse(x2d, mask, LINEAR_SPARSE_DENSITY):
-            rowptr, col, val = csr(w, mask)
+            rowptr, col, val = csr(w, mask, index_dtype(w.shape[1]))
             return self._ext.spmm(x2d, rowptr, col, val, w.shape[0], b)
         return F.linear(x2d, _cache.masked_weight(w, mask), b)
 
     def grad_input(self, gy2d: Tensor, w: Tensor, mask: Tensor) -> Tensor:
-        """``gy2d (w ⊙ mask)``."""
+        """``gy2d (w ⊙ mask)``, scattered through the forward's CSR (no transposed copy)."""
         if _use_sparse(gy2d, mask, LINEAR_SPARSE_DENSITY):
-            rowptr, col, val = csr_t(w, mask)
-            return self._ext.spmm(gy2d, rowptr, col, val, w.shape[1], None)
+            rowptr, col, val = csr(w, mask, index_dtype(w.shape[1]))
+            return self._ext.spmm_t(gy2d, rowptr, col, val, w.shape[1])
         return gy2d @ _cache.masked_weight(w, mask)
 
     def grad_weight(self, gy2d: Tensor, x2d: Tensor, mask: Tensor) -> Tensor:
         """``(gy2d^T x2d) ⊙ mask`` with exact zeros at pruned positions."""
         if _use_sparse(x2d, mask, LINEAR_SPARSE_DENSITY):
-            rowptr, col = pattern(mask)
+            rowptr, col = pattern(mask, index_dtype(mask.shape[1]))
             return self._ext.sddmm(gy2d, x2d, rowptr, col)
         return torch.mm(gy2d.t(), x2d).mul_(mask)
 
@@ -136,7 +156,7 @@ class Conv2dOps:
     def forward(self, x: Tensor, w: Tensor, mask: Tensor, b: Tensor | None, conv: Conv) -> Tensor:
         """``conv2d(x, w ⊙ mask, b, *conv)``."""
         if _use_sparse(x, mask, CONV_SPARSE_DENSITY):
-            rowptr, col, val = csr(w, mask)
+            rowptr, col, val = csr(w, mask, index_dtype(mask[0].numel()))
             return self._ext.conv_forward(x, rowptr, col, val, list(w.shape), b, *conv)
         stride, padding, dilation, groups = conv
         return F.conv2d(x, _cache.masked_weight(w, mask), b, stride, padding, dilation, groups)
@@ -146,15 +166,16 @@ class Conv2dOps:
         if _use_sparse(gy, mask, CONV_SPARSE_DENSITY):
             stride, padding, dilation, groups = conv
             oc, cg, kh, kw = w.shape
+            index = index_dtype((oc // groups) * kh * kw)  # transposed row length
             # Stride 1: the input gradient is a plain convolution of gy with the flipped,
             # transposed weight and padding d*(k-1)-p, which runs the register-blocked kernel.
             pad_t = [dilation[0] * (kh - 1) - padding[0], dilation[1] * (kw - 1) - padding[1]]
             if list(stride) == [1, 1] and min(pad_t) >= 0:
-                rowptr, col, val = csr_t(w, mask, groups, flip=True)
+                rowptr, col, val = csr_t(w, mask, groups, flip=True, index=index)
                 return self._ext.conv_forward(gy, rowptr, col, val,
                                               [cg * groups, oc // groups, kh, kw], None,
                                               [1, 1], pad_t, list(dilation), groups)
-            rowptr, col, val = csr_t(w, mask, groups)
+            rowptr, col, val = csr_t(w, mask, groups, index=index)
             return self._ext.conv_grad_input(gy, list(x.shape), rowptr, col, val, list(w.shape),
                                              *conv)
         return _conv_backward(gy, x, _cache.masked_weight(w, mask), conv, (True, False))[0]
@@ -162,7 +183,7 @@ class Conv2dOps:
     def grad_weight(self, gy: Tensor, x: Tensor, mask: Tensor, conv: Conv) -> Tensor:
         """Weight gradient, exact zeros at pruned positions."""
         if _use_sparse(x, mask, CONV_GRAD_WEIGHT_SPARSE_DENSITY):
-            rowptr, col = pattern(mask)
+            rowptr, col = pattern(mask, index_dtype(mask[0].numel()))
             return self._ext.conv_grad_weight(gy, x, rowptr, col, list(mask.shape), *conv)
         w_like = x.new_empty(mask.shape)  # only its shape is read
         return _conv_backward(gy, x, w_like, conv, (False, True))[1].mul_(mask)
@@ -186,5 +207,5 @@ def wrap(op: str, ext: ModuleType) -> Any:
 
 
 __all__ = ["CONV_GRAD_WEIGHT_SPARSE_DENSITY", "CONV_SPARSE_DENSITY", "LINEAR_SPARSE_DENSITY",
-           "Conv2dOps", "LinearOps", "csr", "csr_t", "density", "pattern",
+           "Conv2dOps", "LinearOps", "csr", "csr_t", "density", "index_dtype", "pattern",
            "wrap"]
