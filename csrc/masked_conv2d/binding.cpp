@@ -3,6 +3,8 @@
 // headers here: the launchers are declared with CUDA's own opaque stream type.
 #include <torch/extension.h>
 
+#include "../common/csr_binding.h"
+
 #include <cstdint>
 #include <vector>
 
@@ -42,38 +44,20 @@ saf_mc::Geom geom(at::IntArrayRef xs, at::IntArrayRef ws, const IntList& stride,
   return g;
 }
 
-void check_csr(const at::Tensor& rowptr, const at::Tensor& col, int64_t rows) {
-  TORCH_CHECK(rowptr.scalar_type() == at::kLong && rowptr.is_contiguous() &&
-                  rowptr.numel() == rows + 1,
-              "masked_conv2d cpp: rowptr must be contiguous int64 of length rows+1");
-  TORCH_CHECK((col.scalar_type() == at::kInt || col.scalar_type() == at::kShort) &&
-                  col.is_contiguous(),
-              "masked_conv2d cpp: col must be contiguous int32 or int16");
-}
-
-// Runs f(index_t*) with the CSR column array at its stored width.
-template <typename F>
-void with_col(const at::Tensor& col, F&& f) {
-  if (col.scalar_type() == at::kShort)
-    f(col.data_ptr<int16_t>());
-  else
-    f(col.data_ptr<int32_t>());
-}
-
 at::Tensor conv_forward(const at::Tensor& x_in, const at::Tensor& rowptr, const at::Tensor& col,
                         const at::Tensor& val, IntList w_shape,
                         const c10::optional<at::Tensor>& bias, IntList stride, IntList padding,
                         IntList dilation, int64_t groups) {
   at::Tensor x = x_in.contiguous();
   auto g = geom(x.sizes(), w_shape, stride, padding, dilation, groups);
-  check_csr(rowptr, col, g.OC);
+  saf_common::check_csr(rowptr, col, g.OC, "masked_conv2d");
   at::Tensor b;
   if (bias.has_value() && bias->defined()) b = bias->contiguous();
   at::Tensor y = at::empty({g.N, g.OC, g.OH, g.OW}, x.options());
   if (g.sw == 1) {  // register-blocked kernel over a zero-padded copy of x
     at::Tensor xp = at::constant_pad_nd(x, {g.pw, g.pw, g.ph, g.ph}, 0).contiguous();
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "saf_conv_forward_s1", [&] {
-      with_col(col, [&](auto* c) {
+      saf_common::with_col(col, [&](auto* c) {
         saf_mc::conv_forward_s1<scalar_t>(g, xp.data_ptr<scalar_t>(), xp.size(2), xp.size(3),
                                           rowptr.data_ptr<int64_t>(), c,
                                           val.data_ptr<scalar_t>(),
@@ -84,7 +68,7 @@ at::Tensor conv_forward(const at::Tensor& x_in, const at::Tensor& rowptr, const 
     return y;
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "saf_conv_forward", [&] {
-    with_col(col, [&](auto* c) {
+    saf_common::with_col(col, [&](auto* c) {
       saf_mc::conv_forward<scalar_t>(g, x.data_ptr<scalar_t>(), rowptr.data_ptr<int64_t>(), c,
                                      val.data_ptr<scalar_t>(),
                                      b.defined() ? b.data_ptr<scalar_t>() : nullptr,
@@ -102,10 +86,10 @@ at::Tensor conv_grad_input(const at::Tensor& gy_in, IntList x_shape, const at::T
   TORCH_CHECK(gy.dim() == 4 && gy.size(0) == g.N && gy.size(1) == g.OC && gy.size(2) == g.OH &&
                   gy.size(3) == g.OW,
               "masked_conv2d cpp: grad_output shape does not match the convolution");
-  check_csr(rowptrT, colT, g.C);
+  saf_common::check_csr(rowptrT, colT, g.C, "masked_conv2d");
   at::Tensor gx = at::empty({g.N, g.C, g.H, g.W}, gy.options());
   AT_DISPATCH_FLOATING_TYPES(gy.scalar_type(), "saf_conv_grad_input", [&] {
-    with_col(colT, [&](auto* c) {
+    saf_common::with_col(colT, [&](auto* c) {
       saf_mc::conv_grad_input<scalar_t>(g, gy.data_ptr<scalar_t>(),
                                         rowptrT.data_ptr<int64_t>(), c,
                                         valT.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>());
@@ -121,10 +105,10 @@ at::Tensor conv_grad_weight(const at::Tensor& gy_in, const at::Tensor& x_in,
   auto g = geom(x.sizes(), w_shape, stride, padding, dilation, groups);
   TORCH_CHECK(gy.dim() == 4 && gy.size(1) == g.OC && gy.size(2) == g.OH && gy.size(3) == g.OW,
               "masked_conv2d cpp: grad_output shape does not match the convolution");
-  check_csr(rowptr, col, g.OC);
+  saf_common::check_csr(rowptr, col, g.OC, "masked_conv2d");
   at::Tensor gw = at::zeros(w_shape, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "saf_conv_grad_weight", [&] {
-    with_col(col, [&](auto* c) {
+    saf_common::with_col(col, [&](auto* c) {
       saf_mc::conv_grad_weight<scalar_t>(g, gy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
                                          rowptr.data_ptr<int64_t>(), c, gw.data_ptr<scalar_t>());
     });

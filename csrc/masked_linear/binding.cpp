@@ -3,6 +3,8 @@
 // headers here: the launchers are declared with CUDA's own opaque stream type.
 #include <torch/extension.h>
 
+#include "../common/csr_binding.h"
+
 #include <cstdint>
 
 namespace saf_ml {
@@ -17,24 +19,6 @@ void sddmm(const int64_t*, const I*, int64_t, int64_t, const T*, const T*, int64
 
 namespace {
 
-void check_csr(const at::Tensor& rowptr, const at::Tensor& col, int64_t rows) {
-  TORCH_CHECK(rowptr.scalar_type() == at::kLong && rowptr.is_contiguous() &&
-                  rowptr.numel() == rows + 1,
-              "masked_linear cpp: rowptr must be contiguous int64 of length rows+1");
-  TORCH_CHECK((col.scalar_type() == at::kInt || col.scalar_type() == at::kShort) &&
-                  col.is_contiguous(),
-              "masked_linear cpp: col must be contiguous int32 or int16");
-}
-
-// Runs f(index_t*) with the CSR column array at its stored width.
-template <typename F>
-void with_col(const at::Tensor& col, F&& f) {
-  if (col.scalar_type() == at::kShort)
-    f(col.data_ptr<int16_t>());
-  else
-    f(col.data_ptr<int32_t>());
-}
-
 at::Tensor transposed(const at::Tensor& x) {
   at::Tensor t = at::empty({x.size(1), x.size(0)}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "saf_transpose", [&] {
@@ -48,7 +32,7 @@ at::Tensor transposed(const at::Tensor& x) {
 at::Tensor spmm(const at::Tensor& x2d, const at::Tensor& rowptr, const at::Tensor& col,
                 const at::Tensor& val, int64_t rows, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x2d.dim() == 2 && x2d.device().is_cpu(), "masked_linear cpp: x must be 2-D CPU");
-  check_csr(rowptr, col, rows);
+  saf_common::check_csr(rowptr, col, rows, "masked_linear");
   at::Tensor x = x2d.contiguous();
   TORCH_CHECK(val.scalar_type() == x.scalar_type() && val.is_contiguous(),
               "masked_linear cpp: values dtype must match x");
@@ -57,7 +41,7 @@ at::Tensor spmm(const at::Tensor& x2d, const at::Tensor& rowptr, const at::Tenso
   at::Tensor b;
   if (bias.has_value() && bias->defined()) b = bias->contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "saf_spmm", [&] {
-    with_col(col, [&](auto* c) {
+    saf_common::with_col(col, [&](auto* c) {
       saf_ml::spmm_xAt<scalar_t>(rowptr.data_ptr<int64_t>(), c, val.data_ptr<scalar_t>(), rows,
                                  xT.data_ptr<scalar_t>(), x.size(0),
                                  b.defined() ? b.data_ptr<scalar_t>() : nullptr,
@@ -74,14 +58,14 @@ at::Tensor spmm_t(const at::Tensor& gy2d, const at::Tensor& rowptr, const at::Te
   TORCH_CHECK(gy2d.dim() == 2 && gy2d.device().is_cpu(),
               "masked_linear cpp: gy must be 2-D CPU");
   const int64_t rows = gy2d.size(1);
-  check_csr(rowptr, col, rows);
+  saf_common::check_csr(rowptr, col, rows, "masked_linear");
   at::Tensor gy = gy2d.contiguous();
   TORCH_CHECK(val.scalar_type() == gy.scalar_type() && val.is_contiguous(),
               "masked_linear cpp: values dtype must match gy");
   at::Tensor gyT = transposed(gy);
   at::Tensor gx = at::empty({gy.size(0), cols}, gy.options());
   AT_DISPATCH_FLOATING_TYPES(gy.scalar_type(), "saf_spmm_t", [&] {
-    with_col(col, [&](auto* c) {
+    saf_common::with_col(col, [&](auto* c) {
       saf_ml::spmm_gyA<scalar_t>(rowptr.data_ptr<int64_t>(), c, val.data_ptr<scalar_t>(), rows,
                                  cols, gyT.data_ptr<scalar_t>(), gy.size(0),
                                  gx.data_ptr<scalar_t>());
@@ -96,12 +80,12 @@ at::Tensor sddmm(const at::Tensor& gy2d, const at::Tensor& x2d, const at::Tensor
   TORCH_CHECK(gy2d.dim() == 2 && x2d.dim() == 2 && gy2d.size(0) == x2d.size(0),
               "masked_linear cpp: gy and x must be 2-D with the same batch");
   const int64_t rows = gy2d.size(1), K = x2d.size(1), B = x2d.size(0);
-  check_csr(rowptr, col, rows);
+  saf_common::check_csr(rowptr, col, rows, "masked_linear");
   at::Tensor gyT = transposed(gy2d.contiguous());
   at::Tensor xT = transposed(x2d.contiguous());
   at::Tensor gw = at::zeros({rows, K}, x2d.options());
   AT_DISPATCH_FLOATING_TYPES(x2d.scalar_type(), "saf_sddmm", [&] {
-    with_col(col, [&](auto* c) {
+    saf_common::with_col(col, [&](auto* c) {
       saf_ml::sddmm<scalar_t>(rowptr.data_ptr<int64_t>(), c, rows, K, gyT.data_ptr<scalar_t>(),
                               xT.data_ptr<scalar_t>(), B, gw.data_ptr<scalar_t>());
     });
