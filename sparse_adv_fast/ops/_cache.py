@@ -86,17 +86,10 @@ def mark_masked(w: torch.Tensor, mask: torch.Tensor) -> None:
 
 def masked_weight(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``w * mask``: the weight itself when marked masked, else a cached product."""
-    if not torch.compiler.is_compiling():
-        e = _entries.get(id(w))
-        if (
-            e is not None
-            and e.forms.get("masked_is_weight")
-            and e.wref() is w
-            and e.mref() is mask
-            and (e.wver, e.mver) == _versions(w, mask)
-        ):
-            stats.hits += 1
-            return w
+    # _entry() drops a stale entry, so the mark is valid only at the versions it was set.
+    if not torch.compiler.is_compiling() and _entry(w, mask).forms.get("masked_is_weight"):
+        stats.hits += 1
+        return w
     return get(w, mask, "masked", lambda: w * mask)
 
 
