@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .nn import masked_layers
+from .nn import Normalize, masked_layers
 
 MODES = ("ticket", "widen")
 INITS = ("zero", "noise", "preserve")
@@ -91,6 +91,59 @@ def _check(source, target, mode, init, noise_scale, generator) -> None:
         raise TypeError(f"inherit: generator must be a torch.Generator, got {generator!r}")
 
 
+def _io_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    # Conv2d / Linear in registration order (masked layers subclass them): the model zoo
+    # registers the input layer first and the classifier last.
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def _io_sizes(layer: nn.Module) -> tuple[int, int]:
+    if isinstance(layer, nn.Conv2d):
+        return layer.in_channels, layer.out_channels
+    return layer.in_features, layer.out_features
+
+
+def _rounded(t: Tensor) -> list[float]:
+    return [round(v, 4) for v in t.flatten().tolist()]
+
+
+def _check_same_task(source: nn.Module, target: nn.Module, mode: str) -> None:
+    """Refuse a target built for other data: another input normalisation (the dataset's
+    statistics), input size or number of classes.
+
+    IWI widens hidden units only; copying a digits model into a CIFAR-10 one would pass
+    the per-tensor shape rule (every target dim >= the source's) and yield nonsense, e.g.
+    new input channels with std 0.
+    """
+    where = f"inherit({mode})"
+    src_mods = dict(source.named_modules())
+    for name, t in target.named_modules():
+        s = src_mods.get(name)
+        if isinstance(t, Normalize) and isinstance(s, Normalize):
+            for attr in ("mean", "std"):
+                a, b = getattr(s, attr).detach().cpu(), getattr(t, attr).detach().cpu()
+                if a.shape != b.shape or not torch.equal(a, b):
+                    key = f"{name}.{attr}" if name else attr
+                    raise ValueError(
+                        f"{where}: the target is for other data: input normalisation {key} "
+                        f"is {_rounded(a)} in the source and {_rounded(b)} in the target; "
+                        "build the target for the source's dataset"
+                    )
+    src_io, tgt_io = _io_layers(source), _io_layers(target)
+    if not src_io or not tgt_io:
+        return
+    checks = (("input size", src_io[0], tgt_io[0], 0), ("number of classes", src_io[-1],
+                                                          tgt_io[-1], 1))
+    for what, (sn, sl), (tn, tl), i in checks:
+        a, b = _io_sizes(sl)[i], _io_sizes(tl)[i]
+        if a != b:
+            raise ValueError(
+                f"{where}: the target is for other data: {what} {a} in the source ({sn!r}) "
+                f"and {b} in the target ({tn!r}); IWI only widens hidden units, so build "
+                "the target for the source's dataset"
+            )
+
+
 def inherit(
     source: nn.Module, target: nn.Module, mode: str = "ticket", init: str = "zero",
     noise_scale: float = 0.01, generator: torch.Generator | None = None,
@@ -101,7 +154,8 @@ def inherit(
     are matched by state_dict name (mask entries aside: either model may be sparsified or
     plain). A name present in only one model, a shape that differs (``ticket``), or a
     target dim smaller than the source's (``widen``) raises a ValueError naming the
-    tensor, before the target is touched.
+    tensor, before the target is touched. So does a target built for other data (another
+    input normalisation, input size or number of classes than the source's).
     """
     _check(source, target, mode, init, noise_scale, generator)
     src, src_masks = _effective_state(source)
@@ -113,6 +167,7 @@ def inherit(
             f"inherit: source and target differ: target-only tensors {missing[:5]}, "
             f"source-only tensors {extra[:5]}"
         )
+    _check_same_task(source, target, mode)
     new: dict[str, Tensor] = {}
     for k, t in tgt.items():
         s = src[k]

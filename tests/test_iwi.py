@@ -157,3 +157,48 @@ def test_widen_rejects_a_smaller_target_and_other_architectures():
 def test_bad_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         saf.iwi.inherit(_cnn(2), _cnn(2), **kwargs)
+
+
+def _head(classes: int, w: int = 2) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(2, w, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(w * 8 * 8, classes))
+
+
+@pytest.mark.parametrize("name, target_dataset", [
+    ("small_cnn", "cifar10"),  # 3 input channels: the per-tensor shape rule alone lets it by
+    ("small_cnn", "mnist"),    # same channels, other statistics and image size
+    ("mlp", "mnist"),
+])
+def test_widen_into_a_model_for_another_dataset_is_refused(name, target_dataset):
+    from sparse_adv_fast import models
+
+    source = models.build(name, "digits", width=1)
+    target = models.build(name, target_dataset, width=2)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(ValueError, match=r"^inherit\(widen\): the target is for other data: "
+                                         r"input normalisation 0\.mean") as e:
+        saf.iwi.inherit(source, target, mode="widen")
+    assert "\n" not in str(e.value)
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+    # the same family for the source's own dataset is accepted
+    saf.iwi.inherit(source, models.build(name, "digits", width=2), mode="widen")
+
+
+def test_inherit_refuses_other_input_statistics_even_with_equal_shapes():
+    from sparse_adv_fast import models
+
+    source = models.small_cnn(mean=0.5, std=0.25)
+    target = models.small_cnn(mean=0.1, std=0.25)
+    for mode in ("ticket", "widen"):
+        with pytest.raises(ValueError, match=r"0\.mean is \[0\.5\] in the source and \[0\.1\]"):
+            saf.iwi.inherit(source, target, mode=mode)
+
+
+def test_widen_refuses_another_number_of_classes_or_input_size():
+    with pytest.raises(ValueError, match=r"number of classes 3 in the source \('3'\) and 5"):
+        saf.iwi.inherit(_head(3), _head(5, w=4), mode="widen")
+    wide_in = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                            nn.Linear(4 * 8 * 8, 3))
+    with pytest.raises(ValueError, match=r"input size 2 in the source \('0'\) and 4"):
+        saf.iwi.inherit(_head(3), wide_in, mode="widen")
+    saf.iwi.inherit(_head(3), _head(3, w=4), mode="widen")  # hidden units only: fine
