@@ -2,9 +2,18 @@
 
 Subcommands: ``demo`` (the resumable end-to-end pipeline), ``train``, ``prune``, ``iwi``,
 ``eval``, ``bench`` and ``info``. The work lives in :mod:`sparse_adv_fast.pipeline`.
-Bad arguments exit with status 2 and a one-line message; failures while running (a corrupt
-file, unreadable data) exit with status 1 and a one-line message; ``--debug`` shows the
-traceback instead.
+Errors are one line on stderr, never a traceback (``--debug`` shows it instead), with one
+meaning per exit status:
+
+* 2: what the user gave is wrong: an argument, a path (missing, a directory where a file is
+  expected, an output that is not writable or is one of the inputs), a data or checkpoint
+  file (malformed, a bad ``arch``, NaN / Inf weights) - raised as ``ValueError``,
+  ``FileNotFoundError``, ``IsADirectoryError`` or ``NotADirectoryError``;
+* 1: running failed: training diverged (the last finished epoch's checkpoint is kept), a
+  write failed (disk full: earlier files are kept), the output is locked by another run, a
+  run directory is unusable;
+* 130: interrupted (``train`` / ``prune`` / ``iwi`` / ``demo``: rerun the same command to
+  resume).
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 PROG = "sparse-adv-fast"
@@ -65,6 +75,49 @@ def _sparsities(text: str) -> tuple[float, ...]:
     return sp
 
 
+def _checked(check: Any) -> Any:
+    """An argparse type from a library check ``check(value) -> value`` raising ValueError:
+    the rule lives in one place, the CLI applies it at parse time."""
+
+    def parse(value: Any) -> Any:
+        try:
+            return check(value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
+
+
+def _int_text(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"expected an integer, got {text!r}") from None
+
+
+def _float_text(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"expected a number, got {text!r}") from None
+
+
+def _check_seed(v: int) -> int:
+    from .pipeline.stages import check_seed
+
+    return check_seed(v)
+
+
+def _check_width(v: float) -> float:
+    from .models import check_width
+
+    return check_width(v)
+
+
+_seed = _checked(lambda t: _check_seed(_int_text(t)))
+_width = _checked(lambda t: _check_width(_float_text(t)))
+
+
 def _suites(text: str) -> tuple[str, ...]:
     from .pipeline.commands import check_suites
 
@@ -85,9 +138,12 @@ def _common_train(p: argparse.ArgumentParser, *, method_flag: str = "--method") 
     p.add_argument("--lr", type=_positive_float, default=0.05, help="learning rate")
     p.add_argument("--steps", type=_positive_int, default=10, help="attack steps in training")
     p.add_argument("--batch-size", type=_positive_int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0, help="random seed, in [0, 2**32)")
     p.add_argument("--data-dir", default=None, help="folder with mnist / cifar10 files")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--fresh", action="store_true",
+                   help="discard the checkpoint of an interrupted run (<out>.ckpt), start over")
+    p.set_defaults(resumable=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,18 +170,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--sparsities", type=_sparsities, default=(0.5, 0.8, 0.9),
                    help="IMP targets, comma-separated, increasing, each in [0, 1)")
     d.add_argument("--method", choices=("pgd", "trades", "fgsm_rs"), default="pgd")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=_seed, default=0, help="random seed, in [0, 2**32)")
     d.add_argument("--dataset", choices=DATASETS, default="digits")
     d.add_argument("--data-dir", default=None, help="folder with mnist / cifar10 files")
     d.add_argument("--eps", type=_eps, default=None, help="L-inf radius (default per dataset)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
-    d.set_defaults(func=_demo)
+    d.set_defaults(func=_demo, resumable=True)
 
     t = sub.add_parser("train", help="train a model, save a checkpoint")
     t.add_argument("--dataset", choices=DATASETS, default="digits")
     t.add_argument("--model", choices=MODELS, default="small_cnn")
-    t.add_argument("--width", type=_positive_float, default=1, help="width multiplier")
-    t.add_argument("--out", default="model.pt", help="checkpoint file (default: %(default)s)")
+    t.add_argument("--width", type=_width, default=1, help="width multiplier, in (0, 16]")
+    t.add_argument("--out", default="model.pt",
+                   help="checkpoint file (default: %(default)s); while training, the "
+                   "resumable state is kept in <out>.ckpt")
     _common_train(t)
     t.set_defaults(func=_train)
 
@@ -145,8 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("iwi", help="Inverse Weights Inheritance, then adversarial training")
     w.add_argument("source", help="source model checkpoint")
     w.add_argument("--mode", choices=("ticket", "widen"), default="ticket")
-    w.add_argument("--width", type=_positive_float, default=None,
-                   help="target width (widen: default 2x the source's)")
+    w.add_argument("--width", type=_width, default=None,
+                   help="target width, in (0, 16] (widen: default 2x the source's)")
     w.add_argument("--init", choices=("zero", "noise", "preserve"), default=None,
                    help="start of the weights not inherited (default: zero for ticket, "
                    "preserve for widen: same function, new units trainable)")
@@ -168,8 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="run benchmarks/ (source checkout) and print ratio tables")
     b.add_argument("--json", dest="json_out", default=".benchmarks/saf_bench.json")
+    b.add_argument("-k", dest="keyword", default=None, metavar="EXPR",
+                   help="only benchmarks matching EXPR (passed to pytest as -k EXPR)")
+    b.add_argument("--quick", action="store_true",
+                   help="only the benchmarks marked quick (pytest -m quick)")
+    b.add_argument("--suite", default=None, metavar="NAME",
+                   help="only benchmarks/bench_NAME.py (e.g. end_to_end)")
     b.add_argument("pytest_args", nargs=argparse.REMAINDER,
-                   help="extra pytest arguments (e.g. -k masked_linear)")
+                   help="extra pytest arguments, after -- (e.g. -- -x)")
     b.set_defaults(func=_bench)
 
     i = sub.add_parser("info", help="versions, devices and backends")
@@ -178,19 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---- dispatch -------------------------------------------------------------------------------
-def _check_data(dataset: str, data_dir: str | None) -> None:
-    from .pipeline.commands import check_data_dir
-
-    try:
-        check_data_dir(dataset, data_dir)
-    except FileNotFoundError as e:
-        raise UsageError(str(e)) from None
-
-
 def _demo(a: argparse.Namespace) -> int:
     from .pipeline import demo, report
+    from .pipeline.commands import check_data_dir
 
-    _check_data(a.dataset, a.data_dir)
+    check_data_dir(a.dataset, a.data_dir)
     cfg = demo.DemoConfig.make(
         quick=a.quick, dataset=a.dataset, data_dir=a.data_dir, epochs=a.epochs,
         sparsities=a.sparsities, method=a.method, seed=a.seed, eps=a.eps,
@@ -206,13 +262,12 @@ def _demo(a: argparse.Namespace) -> int:
 
 def _train_kw(a: argparse.Namespace) -> dict[str, Any]:
     return dict(epochs=a.epochs, eps=a.eps, lr=a.lr, steps=a.steps, batch_size=a.batch_size,
-                seed=a.seed, data_dir=a.data_dir, progress=not a.no_progress)
+                seed=a.seed, data_dir=a.data_dir, progress=not a.no_progress, fresh=a.fresh)
 
 
 def _train(a: argparse.Namespace) -> int:
     from .pipeline import commands
 
-    _check_data(a.dataset, a.data_dir)
     res = commands.train(dataset=a.dataset, model=a.model, width=a.width, method=a.train_method,
                          out=a.out, **_train_kw(a))
     print(f"saved {res['out']}")
@@ -240,7 +295,10 @@ def _iwi(a: argparse.Namespace) -> int:
 
 def _eval(a: argparse.Namespace) -> int:
     from .pipeline import commands
+    from .pipeline.outputs import check_output_file
 
+    if a.json_out is not None:
+        check_output_file(a.json_out, flag="--json", inputs=[a.checkpoint])
     res = commands.evaluate(checkpoint=a.checkpoint, attacks=a.attacks, eps=a.eps,
                             max_batches=a.max_batches, batch_size=a.batch_size,
                             data_dir=a.data_dir, progress=not a.no_progress)
@@ -250,13 +308,14 @@ def _eval(a: argparse.Namespace) -> int:
 
 def _bench(a: argparse.Namespace) -> int:
     from .pipeline import commands
+    from .pipeline.outputs import check_output_file
 
-    try:
-        commands.benchmarks_dir()
-    except FileNotFoundError as e:
-        raise UsageError(str(e)) from None
+    commands.benchmarks_dir()
+    Path(a.json_out).parent.mkdir(parents=True, exist_ok=True)  # .benchmarks/ by default
+    check_output_file(a.json_out, flag="--json")
     extra = [x for x in a.pytest_args if x != "--"]
-    return commands.bench(json_out=a.json_out, extra=extra)
+    return commands.bench(json_out=a.json_out, keyword=a.keyword, quick=a.quick,
+                          suite=a.suite, extra=extra)
 
 
 def _info(a: argparse.Namespace) -> int:
@@ -266,11 +325,12 @@ def _info(a: argparse.Namespace) -> int:
     return 0
 
 
-def _runtime_errors() -> tuple[type[BaseException], ...]:
-    from .checkpoint import CheckpointError
-    from .pipeline.stages import StageError
-
-    return (CheckpointError, StageError, ValueError, TypeError, FileNotFoundError, OSError)
+# Exit status 2: what the user gave is wrong (checked first: FileNotFoundError is an OSError).
+_INPUT_ERRORS = (UsageError, ValueError, FileNotFoundError, IsADirectoryError,
+                 NotADirectoryError)
+# Exit status 1: running failed (CheckpointError, StageError, TrainingDiverged and
+# RunLockedError are RuntimeErrors; a failed write is an OSError).
+_RUNTIME_ERRORS = (RuntimeError, OSError, TypeError, ArithmeticError)
 
 
 def _one_line(e: BaseException) -> str:
@@ -284,17 +344,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = f"{PROG} {args.cmd}"
     try:
         return int(args.func(args) or 0)
-    except UsageError as e:
+    except BrokenPipeError:  # output piped into `head` and closed early: not an error
+        return 0
+    except KeyboardInterrupt:
+        then = "; rerun the same command to resume" if getattr(args, "resumable", False) else ""
+        print(f"{prog}: interrupted{then}", file=sys.stderr)
+        return 130
+    except _INPUT_ERRORS as e:
         if args.debug:
             raise
         print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # output piped into `head` and closed early: not an error
-        return 0
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
-    except _runtime_errors() as e:
+    except _RUNTIME_ERRORS as e:
         if args.debug:
             raise
         print(f"{prog}: error: {_one_line(e)} (--debug for the traceback)", file=sys.stderr)

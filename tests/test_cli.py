@@ -78,7 +78,7 @@ def test_module_entry_point_prints_no_traceback(tmp_path):
         capture_output=True, text=True, timeout=120,
         env={**os.environ, "SPARSE_ADV_FAST_BACKEND": "torch"},
     )
-    assert r.returncode == 1, r.stderr
+    assert r.returncode == 2, r.stderr  # a missing input is a usage error
     assert "absent.pt' does not exist" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -97,7 +97,7 @@ def test_not_a_model_checkpoint_is_a_clear_error(capsys, tmp_path):
     p = tmp_path / "x.pt"
     torch.save({"weights": torch.zeros(2)}, p)
     rc, _, err = _run(capsys, "eval", str(p), "--attacks", "fgsm")
-    assert rc == 1 and "not a sparse-adv-fast model checkpoint" in err
+    assert rc == 2 and "not a sparse-adv-fast model checkpoint" in err
 
 
 def test_imp_schedule_reaches_the_target_geometrically():

@@ -1,37 +1,58 @@
 """The work behind ``train``, ``prune``, ``iwi``, ``eval`` and ``bench`` (the CLI only parses).
 
-Every function validates what it can before doing any work and raises ``ValueError`` /
-``FileNotFoundError`` with a message naming the problem.
+Every function validates what it can before doing any work (output paths included: see
+:mod:`.outputs`) and raises ``ValueError`` / ``FileNotFoundError`` with a message naming the
+problem. A loaded model holding NaN / Inf is refused (``NonFiniteError``) before any work.
+
+The commands that train (``train``, ``prune --method imp|hydra``, ``iwi``) keep their
+resumable state in a run directory next to the output, ``<out>.ckpt`` (:func:`run_dir`):
+the settings (a rerun with other settings is refused), one ``fit`` checkpoint per training
+stage (written after every epoch) and the lock that keeps a second run out. Rerunning the
+same command after an interruption resumes and ends with the same weights as an
+uninterrupted run; ``fresh=True`` starts over. The directory is removed once the output is
+written, and kept after a failure (e.g. divergence: the last finished epoch is there).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib
+import itertools
 import json
 import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..checkpoint import CheckpointError
+from ..finite import check_finite
 from . import modelio, runtime
 from .demo import DEFAULT_EPS
+from .lock import RunLock
+from .outputs import check_output_file
+from .stages import StageRunner, check_seed, fit_stage, seed_stage
 
 TRAIN_METHODS = ("natural", "pgd", "trades", "fgsm_rs")
 PRUNE_METHODS = ("magnitude", "imp", "hydra", "random")
 IWI_MODES = ("ticket", "widen")
 EVAL_SUITES = ("pgd10", "pgd20x5", "fgsm", "apgd", "apgd-ce", "apgd-dlr")
 _PGD = re.compile(r"^pgd[1-9][0-9]*(x[1-9][0-9]*)?$")
-
-
+_SUITE = re.compile(r"^[a-z0-9_]+$")
 
 # Held out of the training split for validation (the catastrophic-overfitting check):
 # training commands never look at the test split.
 VAL_FRACTION = 0.1
+
+
+def _lib(name: str) -> Any:
+    return importlib.import_module(f"sparse_adv_fast.{name}")
 
 
 def _train_val(dataset: str, batch_size: int, data_dir: str | None, seed: int) -> tuple:
@@ -39,6 +60,7 @@ def _train_val(dataset: str, batch_size: int, data_dir: str | None, seed: int) -
         dataset, val_size=VAL_FRACTION, batch_size=batch_size, data_dir=data_dir, seed=seed
     )
     return train, val
+
 
 def check_suites(names: tuple[str, ...]) -> tuple[str, ...]:
     """Validate attack suite names: the named ones, ``pgd<k>`` or ``pgd<k>x<restarts>``."""
@@ -51,18 +73,19 @@ def check_suites(names: tuple[str, ...]) -> tuple[str, ...]:
     return names
 
 
-def _lib(name: str) -> Any:
-    return importlib.import_module(f"sparse_adv_fast.{name}")
-
-
 def check_data_dir(dataset: str, data_dir: str | None) -> None:
     """For file-based datasets the data folder must exist (checked before any work)."""
     if dataset == "digits":
         return
     data = _lib("data")
     folder = Path(data_dir or os.environ.get(data.DATA_DIR_ENV, "data")).expanduser()
+    how = "--data-dir" if data_dir else f"--data-dir (or ${data.DATA_DIR_ENV})"
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(
+            f"data directory {str(folder)!r} for {dataset} is a file, not a directory; pass "
+            f"{how} pointing at the folder with the dataset's standard files"
+        )
     if not folder.is_dir():
-        how = "--data-dir" if data_dir else f"--data-dir (or ${data.DATA_DIR_ENV})"
         raise FileNotFoundError(
             f"data directory {str(folder)!r} for {dataset} does not exist; pass {how} "
             "pointing at the dataset's standard files"
@@ -78,48 +101,97 @@ def eps_for(dataset: str, eps: float | None) -> float:
     return eps
 
 
-def _check_out(out: str | os.PathLike[str]) -> Path:
-    out = Path(out)
-    if out.is_dir():
-        raise ValueError(f"--out {str(out)!r} is a directory; give a checkpoint file name")
-    if not out.parent.exists():
-        raise FileNotFoundError(f"folder {str(out.parent)!r} for --out does not exist")
-    return out
-
-
-def _load(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any]]:
-    if not Path(path).is_file():
+def load_checked(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any]]:
+    """``(model, checkpoint dict)`` of a model checkpoint, refused unless every tensor is
+    finite (a NaN model "scores" chance accuracy and prunes to "sparsity 0")."""
+    p = Path(path)
+    if p.is_dir():
+        raise IsADirectoryError(
+            f"checkpoint {os.fspath(path)!r} is a directory; give a model checkpoint file "
+            "(written by train, prune or iwi)"
+        )
+    if not p.is_file():
         raise FileNotFoundError(f"checkpoint {os.fspath(path)!r} does not exist")
-    return modelio.load_model(path)
+    try:
+        net, blob = modelio.load_model(p)
+    except CheckpointError as e:  # the user's input file is unreadable: a data error
+        raise ValueError(str(e)) from e
+    check_finite(net, f"checkpoint {os.fspath(path)!r}")
+    return net, blob
 
 
-def _fit(model: nn.Module, loaders: Any, *, method: str, epochs: int, lr: float, eps: float,
-         steps: int, progress: bool) -> Any:
-    return _lib("train").fit(model, loaders, method=method, epochs=epochs, lr=lr, eps=eps,
-                             steps=steps, progress=progress)
+# ---- run directories ------------------------------------------------------------------------
+def run_dir(out: str | os.PathLike[str]) -> Path:
+    """The resumable-run directory of a command writing ``out``: ``<out>.ckpt``."""
+    return Path(f"{os.fspath(out)}.ckpt")
 
 
+def _digest(path: str | os.PathLike[str]) -> str:
+    """Content hash of an input file: a resumed run must read the same input."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _note(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _run(out: Path, settings: dict[str, Any], fresh: bool) -> Iterator[StageRunner]:
+    """The locked, settings-checked run directory of ``out`` while the block runs; removed
+    when the block succeeds, kept (to resume from) when it raises."""
+    folder = run_dir(out)
+    with RunLock(folder):
+        resuming = not fresh and any((folder / "stages").glob("*.pt"))
+        runner = StageRunner(folder, config=settings, fresh=fresh, log=lambda m: None)
+        if resuming:
+            _note(f"[saf] resuming the interrupted run in {folder} (--fresh to start over)")
+        yield runner
+        runner.clear()
+        with contextlib.suppress(OSError):
+            runner.stage_dir.rmdir()
+    with contextlib.suppress(OSError):
+        folder.rmdir()  # only if empty: nothing but the run's own files is ever deleted
+
+
+def _fit_kw(method: str, epochs: int, lr: float, eps: float, steps: int,
+            progress: bool) -> dict[str, Any]:
+    return dict(method=method, epochs=epochs, lr=lr, eps=eps, steps=steps, progress=progress)
+
+
+# ---- train ----------------------------------------------------------------------------------
 def train(
     *, dataset: str, model: str, width: float, method: str, epochs: int, eps: float | None,
     lr: float, steps: int, batch_size: int, seed: int, data_dir: str | None, out: str,
-    progress: bool = True,
+    progress: bool = True, fresh: bool = False,
 ) -> dict[str, Any]:
-    """Build ``model`` for ``dataset``, train it with ``method``, save a model checkpoint."""
+    """Build ``model`` for ``dataset``, train it with ``method``, save a model checkpoint.
+
+    Resumable: rerun with the same arguments after an interruption (see the module doc).
+    """
+    out_path = check_output_file(out)
+    check_seed(seed)
     check_data_dir(dataset, data_dir)
     eps = eps_for(dataset, eps)
-    out_path = _check_out(out)
     arch = modelio.arch_spec(model, dataset, width)
-    torch.manual_seed(seed)
+    seed_stage(seed, "init")
     net = modelio.build(arch)  # unknown model names fail here, before data is read
+    settings = dict(command="train", arch=arch, method=method, epochs=epochs, eps=eps, lr=lr,
+                    steps=steps, batch_size=batch_size, seed=seed, data_dir=data_dir)
     loaders = _train_val(dataset, batch_size, data_dir, seed)
-    with runtime.threads_for(dataset):
-        hist = _fit(net, loaders, method=method, epochs=epochs, lr=lr, eps=eps, steps=steps,
-                    progress=progress)
-    modelio.save_model(net, arch, out_path, method=method, eps=eps, epochs=epochs,
-                       history=hist.as_dict())
+    with _run(out_path, settings, fresh) as runner, runtime.threads_for(dataset):
+        hist = fit_stage(net, loaders, seed=seed, stage="train",
+                         checkpoint=runner.scratch("train"), where=str(out_path),
+                         **_fit_kw(method, epochs, lr, eps, steps, progress))
+        modelio.save_model(net, arch, out_path, method=method, eps=eps, epochs=epochs,
+                           history=hist.as_dict())
     return {"out": str(out_path), "history": hist.as_dict()}
 
 
+# ---- prune ----------------------------------------------------------------------------------
 def imp_schedule(sparsity: float, rounds: int, start: float = 0.0) -> tuple[float, ...]:
     """IMP targets going from ``start`` to ``sparsity`` in ``rounds`` rounds, each pruning
     the same fraction of the survivors (0 -> 0.875 in 3 rounds: 0.5, 0.75, 0.875)."""
@@ -135,74 +207,106 @@ def imp_schedule(sparsity: float, rounds: int, start: float = 0.0) -> tuple[floa
 def prune(
     *, checkpoint: str, method: str, sparsity: float, scope: str, out: str, epochs: int,
     rounds: int, train_method: str, eps: float | None, lr: float, steps: int, batch_size: int,
-    seed: int, data_dir: str | None, progress: bool = True,
+    seed: int, data_dir: str | None, progress: bool = True, fresh: bool = False,
 ) -> dict[str, Any]:
     """Prune a saved model; ``imp`` / ``hydra`` also train (``epochs`` per round / fine-tune).
 
     ``magnitude`` / ``random`` prune once (no training). ``imp`` uses the checkpoint's
     weights as the rewind point: ``rounds`` rounds of train, prune, rewind, then the final
     ticket is trained. ``hydra`` learns scores for ``epochs`` epochs, then fine-tunes the
-    weights as long.
+    weights as long. The training methods are resumable (see the module doc).
     """
     if method not in PRUNE_METHODS:
         raise ValueError(f"unknown prune method {method!r}; choose one of {PRUNE_METHODS}")
-    out_path = _check_out(out)
-    net, blob = _load(checkpoint)
+    out_path = check_output_file(out, inputs=[checkpoint])
+    check_seed(seed)
+    net, blob = load_checked(checkpoint)
     arch = blob["arch"]
-    needs_data = method in ("imp", "hydra")
-    if needs_data:
-        check_data_dir(arch["dataset"], data_dir)
-    eps = eps_for(arch["dataset"], eps)
-    torch.manual_seed(seed)
-    with runtime.threads_for(arch["dataset"]):
-        net = _prune(net, arch, method=method, sparsity=sparsity, scope=scope, epochs=epochs,
-                     rounds=rounds, train_method=train_method, eps=eps, lr=lr, steps=steps,
-                     batch_size=batch_size, seed=seed, data_dir=data_dir, progress=progress)
-    modelio.save_model(net, arch, out_path, pruned_by=method, sparsity=sparsity, scope=scope)
-    return {"out": str(out_path), "sparsity": modelio.zero_fraction(net)}
-
-
-def _prune(
-    net: nn.Module, arch: dict[str, Any], *, method: str, sparsity: float, scope: str,
-    epochs: int, rounds: int, train_method: str, eps: float, lr: float, steps: int,
-    batch_size: int, seed: int, data_dir: str | None, progress: bool,
-) -> nn.Module:
-    p = _lib("prune")
-    if method == "magnitude":
-        net = p.magnitude(net, sparsity, scope=scope)
-    elif method == "random":
-        net = p.random(net, sparsity, scope=scope, generator=torch.Generator().manual_seed(seed))
-    else:
-        loaders = _train_val(arch["dataset"], batch_size, data_dir, seed)
-        kw = dict(method=train_method, epochs=epochs, lr=lr, eps=eps, steps=steps,
-                  progress=progress)
-        if method == "imp":
-            start = _lib("nn").sparsity(net) if modelio.is_masked(net) else 0.0
-            schedule = imp_schedule(sparsity, rounds, start)
-            net = _lib("nn").sparsify(net) if not modelio.is_masked(net) else net
-            p.imp(net, lambda m: _fit(m, loaders, **kw), sparsities=schedule, scope=scope)
+    if method in ("magnitude", "random"):
+        seed_stage(seed, "prune")
+        p = _lib("prune")
+        if method == "magnitude":
+            net = p.magnitude(net, sparsity, scope=scope)
         else:
-            net = p.hydra(net, sparsity, loaders[0], epochs=epochs, eps=eps, alpha=eps / 4,
-                          steps=steps, scope=scope, progress=progress)
-        _fit(net, loaders, **kw)
+            net = p.random(net, sparsity, scope=scope,
+                           generator=torch.Generator().manual_seed(seed))
+        return _save_pruned(net, arch, out_path, method, sparsity, scope)
+    check_data_dir(arch["dataset"], data_dir)
+    eps = eps_for(arch["dataset"], eps)
+    settings = dict(command="prune", checkpoint=_digest(checkpoint), method=method,
+                    sparsity=sparsity, scope=scope, epochs=epochs, rounds=rounds,
+                    train_method=train_method, eps=eps, lr=lr, steps=steps,
+                    batch_size=batch_size, seed=seed, data_dir=data_dir)
+    kw = _fit_kw(train_method, epochs, lr, eps, steps, progress)
+    loaders = _train_val(arch["dataset"], batch_size, data_dir, seed)
+    with _run(out_path, settings, fresh) as runner, runtime.threads_for(arch["dataset"]):
+        if method == "imp":
+            net = _imp(net, runner, loaders, sparsity=sparsity, rounds=rounds, scope=scope,
+                       seed=seed, kw=dict(kw, where=str(out_path)))
+        else:
+            net = _hydra(net, arch, runner, loaders, sparsity=sparsity, scope=scope,
+                         epochs=epochs, eps=eps, steps=steps, seed=seed, progress=progress)
+        fit_stage(net, loaders, seed=seed, stage="finetune",
+                  checkpoint=runner.scratch("finetune"), where=str(out_path), **kw)
+        return _save_pruned(net, arch, out_path, method, sparsity, scope)
+
+
+def _save_pruned(net: nn.Module, arch: dict[str, Any], out: Path, method: str,
+                 sparsity: float, scope: str) -> dict[str, Any]:
+    modelio.save_model(net, arch, out, pruned_by=method, sparsity=sparsity, scope=scope)
+    return {"out": str(out), "sparsity": modelio.zero_fraction(net)}
+
+
+def _imp(net: nn.Module, runner: StageRunner, loaders: tuple, *, sparsity: float,
+         rounds: int, scope: str, seed: int, kw: dict[str, Any]) -> nn.Module:
+    # Each round trains with its own fit checkpoint: a resumed run replays finished rounds
+    # from their final checkpoints (no training) and continues the interrupted one.
+    start = _lib("nn").sparsity(net) if modelio.is_masked(net) else 0.0
+    schedule = imp_schedule(sparsity, rounds, start)
+    net = _lib("nn").sparsify(net) if not modelio.is_masked(net) else net
+    counter = itertools.count(1)
+
+    def train_round(m: nn.Module) -> None:
+        stage = f"imp_round{next(counter)}"
+        fit_stage(m, loaders, seed=seed, stage=stage, checkpoint=runner.scratch(stage), **kw)
+
+    _lib("prune").imp(net, train_round, sparsities=schedule, scope=scope)
     return net
 
 
+def _hydra(net: nn.Module, arch: dict[str, Any], runner: StageRunner, loaders: tuple, *,
+           sparsity: float, scope: str, epochs: int, eps: float, steps: int, seed: int,
+           progress: bool) -> nn.Module:
+    # HYDRA's score training has no per-epoch checkpoint: its result is one stage, redone
+    # whole (from the same seed) if the run is killed inside it.
+    def scores() -> dict[str, Any]:
+        seed_stage(seed, "hydra", loaders[0])
+        pruned = _lib("prune").hydra(net, sparsity, loaders[0], epochs=epochs, eps=eps,
+                                     alpha=eps / 4, steps=steps, scope=scope,
+                                     progress=progress)
+        return modelio.to_blob(pruned, arch)
+
+    return modelio.from_blob(runner.run("hydra", scores), where=f"stage hydra of {runner.out_dir}")
+
+
+# ---- iwi ------------------------------------------------------------------------------------
 def iwi(
     *, source: str, mode: str, width: float | None, init: str | None, out: str, epochs: int,
     method: str, eps: float | None, lr: float, steps: int, batch_size: int, seed: int,
-    data_dir: str | None, progress: bool = True,
+    data_dir: str | None, progress: bool = True, fresh: bool = False,
 ) -> dict[str, Any]:
     """Inverse Weights Inheritance from a saved source model, then adversarial training.
 
     ``ticket``: a dense model of the source's architecture and width; ``widen``: the same
     family at ``width`` (default twice the source's). ``init`` defaults to ``zero`` (ticket)
-    and ``preserve`` (widen: the source's function, with trainable new units).
+    and ``preserve`` (widen: the source's function, with trainable new units). Resumable
+    (see the module doc).
     """
     if mode not in IWI_MODES:
         raise ValueError(f"unknown IWI mode {mode!r}; choose one of {IWI_MODES}")
-    out_path = _check_out(out)
-    src, blob = _load(source)
+    out_path = check_output_file(out, inputs=[source])
+    check_seed(seed)
+    src, blob = load_checked(source)
     sarch = blob["arch"]
     check_data_dir(sarch["dataset"], data_dir)
     eps = eps_for(sarch["dataset"], eps)
@@ -219,24 +323,29 @@ def iwi(
     arch = modelio.arch_spec(sarch["name"], sarch["dataset"], width)
     if init is None:
         init = "preserve" if mode == "widen" else "zero"
-    torch.manual_seed(seed)
+    seed_stage(seed, "init")
     target = _lib("iwi").inherit(src, modelio.build(arch), mode=mode, init=init)
+    settings = dict(command="iwi", source=_digest(source), mode=mode, width=width, init=init,
+                    method=method, epochs=epochs, eps=eps, lr=lr, steps=steps,
+                    batch_size=batch_size, seed=seed, data_dir=data_dir)
     loaders = _train_val(sarch["dataset"], batch_size, data_dir, seed)
-    with runtime.threads_for(sarch["dataset"]):
-        hist = _fit(target, loaders, method=method, epochs=epochs, lr=lr, eps=eps, steps=steps,
-                    progress=progress)
-    modelio.save_model(target, arch, out_path, iwi_mode=mode, source=os.fspath(source),
-                       history=hist.as_dict())
+    with _run(out_path, settings, fresh) as runner, runtime.threads_for(sarch["dataset"]):
+        hist = fit_stage(target, loaders, seed=seed, stage="iwi",
+                         checkpoint=runner.scratch("iwi"), where=str(out_path),
+                         **_fit_kw(method, epochs, lr, eps, steps, progress))
+        modelio.save_model(target, arch, out_path, iwi_mode=mode, source=os.fspath(source),
+                           history=hist.as_dict())
     return {"out": str(out_path), "width": width}
 
 
+# ---- eval -----------------------------------------------------------------------------------
 def evaluate(
     *, checkpoint: str, attacks: tuple[str, ...], eps: float | None, max_batches: int | None,
     batch_size: int, data_dir: str | None, progress: bool = True,
 ) -> dict[str, Any]:
     """Clean / robust accuracy of a saved model on its dataset's test split, as a dict."""
     check_suites(attacks)
-    net, blob = _load(checkpoint)
+    net, blob = load_checked(checkpoint)
     arch = blob["arch"]
     check_data_dir(arch["dataset"], data_dir)
     eps = eps_for(arch["dataset"], eps)
@@ -257,6 +366,16 @@ def evaluate(
     }
 
 
+def dump_json(obj: Any, path: str | None) -> None:
+    """``obj`` as JSON to ``path`` (atomically) or, when None, to stdout."""
+    text = json.dumps(obj, indent=2) + "\n"
+    if path is None:
+        sys.stdout.write(text)
+    else:
+        _lib("checkpoint").write_atomic(path, text)
+
+
+# ---- bench ----------------------------------------------------------------------------------
 SOURCE_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -271,25 +390,43 @@ def benchmarks_dir() -> Path:
     return bench
 
 
-def bench(*, json_out: str, extra: list[str]) -> int:
+def bench_suites() -> list[str]:
+    """Names ``NAME`` of the ``benchmarks/bench_NAME.py`` files."""
+    return sorted(p.stem[len("bench_"):] for p in benchmarks_dir().glob("bench_*.py"))
+
+
+def bench_argv(
+    *, json_out: str | os.PathLike[str], keyword: str | None = None, quick: bool = False,
+    suite: str | None = None, extra: list[str] | tuple[str, ...] = (),
+) -> list[str]:
+    """The pytest command line of ``bench``: all of ``benchmarks/`` or ``bench_<suite>.py``,
+    ``-m quick`` with ``quick``, ``-k keyword``, then ``extra``."""
+    bdir = benchmarks_dir()
+    target = bdir
+    if suite is not None:
+        target = bdir / f"bench_{suite}.py"
+        if not _SUITE.match(suite) or not target.is_file():
+            raise ValueError(f"unknown benchmark suite {suite!r}; choose one of "
+                             f"{', '.join(bench_suites()) or '(none found)'}")
+    cmd = [sys.executable, "-m", "pytest", str(target), "--benchmark-only",
+           f"--benchmark-json={Path(json_out).resolve()}"]
+    if quick:
+        cmd += ["-m", "quick"]
+    if keyword is not None:
+        cmd += ["-k", keyword]
+    return cmd + list(extra)
+
+
+def bench(
+    *, json_out: str, keyword: str | None = None, quick: bool = False,
+    suite: str | None = None, extra: list[str] | tuple[str, ...] = (),
+) -> int:
     """Run the benchmarks into ``json_out`` and print the ratio table; the exit status."""
+    cmd = bench_argv(json_out=json_out, keyword=keyword, quick=quick, suite=suite, extra=extra)
     bdir = benchmarks_dir()
     out = Path(json_out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pytest", str(bdir), "--benchmark-only",
-           f"--benchmark-json={out}", *extra]
     rc = subprocess.call(cmd, cwd=bdir.parent)
     if rc != 0:
         return rc
     return subprocess.call([sys.executable, str(bdir / "report.py"), str(out)], cwd=bdir.parent)
-
-
-def dump_json(obj: Any, path: str | None) -> None:
-    """``obj`` as JSON to ``path`` or, when None, to stdout."""
-    text = json.dumps(obj, indent=2) + "\n"
-    if path is None:
-        sys.stdout.write(text)
-    else:
-        from .stages import write_text_atomic
-
-        write_text_atomic(text, path)

@@ -13,7 +13,10 @@ Stages (each saved atomically to ``<out>/stages/<name>.pt``, skipped when rerun)
 
 Then ``results.json``, ``results.md`` and the plots are (re)written from the stage results.
 A training stage also passes ``fit`` a scratch checkpoint (``<name>.partial.pt``), so a run
-killed mid-training resumes from the last finished epoch.
+killed mid-training resumes from the last finished epoch. Every stage seeds its own random
+state from ``(seed, stage)`` (the global RNGs and the train loader's shuffling generator), so
+a run resumed at or inside any stage gives the same table as an uninterrupted one. The
+output directory is locked (``run.lock``) while a run writes it.
 
 On digits the L-inf radius is 0.1, not CIFAR's 8/255: digits pixels are multiples of 1/16
 (17 grey levels), so 8/255 is half a grey level. At 0.1, PGD-AT gives robust accuracy
@@ -33,8 +36,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..finite import check_finite
 from . import modelio, plots, report, runtime
-from .stages import StageRunner
+from .lock import RunLock
+from .outputs import check_output_dir
+from .stages import StageRunner, check_seed, fit_stage, seed_stage
 
 DEFAULT_EPS = {"digits": 0.1, "mnist": 0.3, "cifar10": 8 / 255}
 METHODS = ("pgd", "trades", "fgsm_rs")
@@ -91,6 +97,7 @@ class DemoConfig:
             raise ValueError(f"unknown dataset {dataset!r}; choose one of {tuple(DEFAULT_EPS)}")
         if epochs is not None and (not isinstance(epochs, int) or epochs < 1):
             raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+        check_seed(seed)
         sp = tuple(sparsities) if sparsities is not None else (0.5, 0.8, 0.9)
         check_sparsities(sp)
         base = dict(
@@ -170,19 +177,26 @@ class Demo:
 
     def _seed(self, stage: str) -> None:
         # Each stage reseeds from (seed, name): a resumed run draws what a straight run draws.
-        torch.manual_seed(self.cfg.seed * 1000 + sum(map(ord, stage)))
+        seed_stage(self.cfg.seed, stage)
 
     def _fit(self, model: nn.Module, stage: str, epochs: int, lr: float | None = None,
              **kw: Any) -> Any:
+        # fit_stage also reseeds the cached train loader's generator: without that, a stage
+        # would shuffle from wherever the previous stage left it in this process, and a run
+        # resumed at this stage (a fresh loader) would train on another order.
         c = self.cfg
-        return _lib("train").fit(
-            model, self.loaders[:2], method=c.method, epochs=epochs, lr=lr or c.lr, eps=c.eps,
-            steps=c.train_steps, checkpoint=self.runner.scratch(stage), resume=True,
-            progress=self.progress, val_batches=c.val_batches, **kw,
+        return fit_stage(
+            model, self.loaders[:2], seed=c.seed, stage=stage,
+            checkpoint=self.runner.scratch(stage), where=f"demo {self.out}", method=c.method,
+            epochs=epochs, lr=lr or c.lr, eps=c.eps, steps=c.train_steps, progress=self.progress,
+            val_batches=c.val_batches, **kw,
         )
 
     def _model(self, stage: str) -> nn.Module:
-        return modelio.from_blob(self.runner.load(stage)["model"], where=f"stage {stage!r}")
+        where = f"stage {stage!r} ({self.runner.path(stage)})"
+        model = modelio.from_blob(self.runner.load(stage)["model"], where=where)
+        check_finite(model, where)
+        return model
 
     # -- stages -------------------------------------------------------------------------------
     def stage_dense(self) -> dict[str, Any]:
@@ -305,5 +319,11 @@ def run_demo(
     cfg: DemoConfig, out: str | os.PathLike[str] = "saf_out", *, fresh: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run or resume the demo in ``out``; returns the results dict also saved as results.json."""
-    return Demo(cfg, out, fresh=fresh, progress=progress).run()
+    """Run or resume the demo in ``out``; returns the results dict also saved as results.json.
+
+    ``out`` is checked writable first and locked for the run: a second run into it (also
+    with ``fresh``) raises :class:`~sparse_adv_fast.pipeline.lock.RunLockedError` at once.
+    """
+    out = check_output_dir(out)
+    with RunLock(out):
+        return Demo(cfg, out, fresh=fresh, progress=progress).run()

@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint import write_atomic
+
 PLOTS = ("accuracy_vs_sparsity.png", "radius_vs_sparsity.png")
 
 
@@ -19,10 +21,8 @@ def _figure() -> Any:
 
 
 def _save(fig: Any, path: Path) -> None:
-    # Through a temp name and a rename: a killed run never leaves half a PNG.
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", bbox_inches="tight")
-    os.replace(tmp, path)
+    # Atomically: a killed run never leaves half a PNG.
+    write_atomic(path, lambda f: fig.savefig(f, format="png", bbox_inches="tight"))
 
 
 def _series(rows: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:

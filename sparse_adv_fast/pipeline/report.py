@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .stages import write_text_atomic
+from ..checkpoint import write_atomic
 
 LABELS = {"iwi_ticket": "IWI ticket -> dense"}
 METHOD_NAMES = {"pgd": "PGD-AT", "trades": "TRADES", "fgsm_rs": "FGSM-RS", "natural": "natural"}
@@ -142,5 +142,5 @@ def write_all(results: dict[str, Any], out: str | os.PathLike[str]) -> None:
     """Write ``results.json`` and ``results.md`` to ``out`` (atomically)."""
     out = Path(out)
     text = json.dumps(finite(results), indent=2, allow_nan=False) + "\n"
-    write_text_atomic(text, out / "results.json")
-    write_text_atomic(markdown(results), out / "results.md")
+    write_atomic(out / "results.json", text)
+    write_atomic(out / "results.md", markdown(results))

@@ -9,12 +9,13 @@ error (mixing stages from two configurations would give a meaningless table).
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import os
+import random
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,8 @@ _FORMAT = 1
 
 
 class StageError(RuntimeError):
-    """A stage file or the run settings in an output directory cannot be used."""
+    """A stage failed, or a stage file or the run settings in an output directory cannot be
+    used."""
 
 
 def _checkpoint() -> Any:
@@ -37,19 +39,75 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def write_text_atomic(text: str, path: str | os.PathLike[str]) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename (never half-written)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+class TrainingDiverged(StageError):
+    """Training of a stage produced NaN / Inf (the last finished epoch's checkpoint is kept)."""
+
+
+# ---- per-stage random state -----------------------------------------------------------------
+SEED_LIMIT = 2**32
+
+
+def check_seed(seed: Any) -> int:
+    """``seed`` if it is an int in [0, 2**32) (what every RNG the pipeline seeds accepts)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+    return seed
+
+
+def stage_seed(seed: int, stage: str) -> int:
+    """A 64-bit seed of its own for ``(seed, stage)``: distinct names give unrelated streams
+    (a hash, not a sum of characters, so ``imp_78.5`` and ``imp_87.5`` differ)."""
+    digest = hashlib.sha256(f"{check_seed(seed)}:{stage}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def seed_stage(seed: int, stage: str, loader: Any = None) -> None:
+    """Seed every RNG a stage draws from with ``(seed, stage)``: torch's, numpy's, python's
+    and, given ``loader``, the generators its shuffling draws from.
+
+    Called at the start of each stage, so the stage's draws do not depend on what earlier
+    stages drew in this process: a run resumed at (or inside) any stage draws exactly what
+    an uninterrupted run draws.
+    """
+    s = stage_seed(seed, stage)
+    torch = importlib.import_module("torch")
+    torch.manual_seed(s)
+    importlib.import_module("numpy").random.seed(s % SEED_LIMIT)
+    random.seed(s)
+    if loader is not None:
+        state = importlib.import_module("sparse_adv_fast.train.state")
+        for i, g in enumerate(state.loader_generators(loader)):
+            g.manual_seed(stage_seed(seed, f"{stage}/loader{i}"))
+
+
+def fit_stage(
+    model: Any, loaders: tuple[Any, Any], *, seed: int, stage: str,
+    checkpoint: str | os.PathLike[str], where: str | None = None, **fit_kw: Any,
+) -> Any:
+    """``saf.train.fit`` for one stage: its RNG from ``(seed, stage)`` (:func:`seed_stage`),
+    resumable from ``checkpoint`` (written after every epoch), and a divergence raised as
+    :class:`TrainingDiverged`: one message naming ``where`` (e.g. the output file), the
+    stage, the first non-finite tensor and the checkpoint of the last finished epoch, which
+    is kept."""
+    seed_stage(seed, f"{stage}/fit", loaders[0])
+    fit = importlib.import_module("sparse_adv_fast.train").fit
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        return fit(model, loaders, checkpoint=checkpoint, resume=True, **fit_kw)
+    except (FloatingPointError, _finite().NonFiniteError) as e:
+        bad = _finite().first_nonfinite(model)
+        msg = " ".join(str(e).split())
+        layer = f"; first non-finite tensor: {bad}" if bad and bad not in msg else ""
+        kept = (f"the last finished epoch is kept in {checkpoint}" if Path(checkpoint).exists()
+                else "no epoch finished, so no checkpoint was written")
+        prefix = f"{where}: " if where else ""
+        raise TrainingDiverged(
+            f"{prefix}training stage {stage!r} diverged: {msg}{layer}; {kept}; rerun with a "
+            "lower --lr and --fresh"
+        ) from e
+
+
+def _finite() -> Any:
+    return importlib.import_module("sparse_adv_fast.finite")
 
 
 class StageRunner:
@@ -85,7 +143,7 @@ class StageRunner:
         self.seconds: dict[str, float] = {}
         self.stage_dir.mkdir(parents=True, exist_ok=True)
         if fresh:
-            self._clear()
+            self.clear()
         self._check_config()
 
     # -- settings -----------------------------------------------------------------------------
@@ -93,7 +151,8 @@ class StageRunner:
     def _run_file(self) -> Path:
         return self.stage_dir / "run.json"
 
-    def _clear(self) -> None:
+    def clear(self) -> None:
+        """Delete this runner's files (stage results, scratch checkpoints, run.json)."""
         # Only files this runner writes: an --out pointing at a user folder loses nothing else.
         for p in self.stage_dir.iterdir():
             ours = p.suffix == ".pt" or p.name == "run.json" or p.name.startswith(".")
@@ -106,7 +165,8 @@ class StageRunner:
                 raise StageError(
                     f"{self.stage_dir} holds stage files but no run.json; rerun with --fresh"
                 )
-            write_text_atomic(json.dumps(self.config, indent=2, sort_keys=True), self._run_file)
+            text = json.dumps(self.config, indent=2, sort_keys=True)
+            _checkpoint().write_atomic(self._run_file, text)
             return
         try:
             old = json.loads(self._run_file.read_text(encoding="utf-8"))
