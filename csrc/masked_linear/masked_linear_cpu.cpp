@@ -128,6 +128,9 @@ void spmm_gyA(const int64_t* rowptr, const I* col, const T* val, int64_t R, int6
   constexpr int BC = 32;
   constexpr int VL = 32 / sizeof(T), NV = BC / VL;
   constexpr int64_t PF = 8;  // prefetch distance in nonzeros (accumulator rows live in L2)
+  // An empty batch or input has an empty gx: nothing to write, and nbc = 0 below would
+  // divide by zero when splitting the work over threads.
+  if (B == 0 || K == 0) return;
   const int64_t nbc = (B + BC - 1) / BC;
   // Small batches have fewer slabs than threads: split the columns too (each task then owns
   // a (slab, column range) block of gx; a row's range is found by binary search, since

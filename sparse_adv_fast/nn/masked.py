@@ -3,10 +3,12 @@
 Each is a subclass of its torch layer with the same ``weight`` / ``bias`` parameters and
 one extra bool buffer ``weight_mask`` (1 byte per weight). Invariants:
 
-* the stored weight is exactly zero where the mask is False: it is re-masked once per
-  weight version (before the first forward after any in-place update) and after every
-  ``torch.optim`` step (a global step post-hook, registered when the first masked layer
-  is built), so momentum, weight decay or Adam state never revive pruned weights;
+* the forward computes with ``weight * mask`` of the weight as written, however it was
+  written (``.data`` writes included; see :mod:`sparse_adv_fast.ops._cache`);
+* the stored weight is exactly zero where the mask is False after every ``torch.optim``
+  step (a global step post-hook, registered when the first masked layer is built), so
+  momentum, weight decay or Adam state never revive pruned weights, and after any forward
+  on the dense paths (which use the stored weight itself as the masked weight);
 * the weight gradient is exactly zero where the mask is False (masked in the kernel);
 * ``state_dict`` / ``deepcopy`` / pickle / ``.to()`` carry the mask like any buffer; a
   dense state_dict without mask keys loads strictly and keeps the current mask.
@@ -38,8 +40,14 @@ def _remask_after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any)
         for p in group["params"]:
             ref = _LAYERS.get(id(p))
             layer = ref() if ref is not None else None
-            if layer is not None and layer.weight is p:
+            if layer is not None and layer._owns(p):
                 layer.remask_()
+
+
+def _untrack(key: int, ref: weakref.ref) -> None:
+    # A dead layer's callback must not drop a newer layer tracking a weight with its id.
+    if _LAYERS.get(key) is ref:
+        del _LAYERS[key]
 
 
 def _track(layer: _MaskedMixin) -> None:
@@ -47,7 +55,9 @@ def _track(layer: _MaskedMixin) -> None:
     if _HOOK is None:
         _HOOK = register_optimizer_step_post_hook(_remask_after_step)
     key = id(layer.weight)
-    _LAYERS[key] = weakref.ref(layer, lambda _r, k=key: _LAYERS.pop(k, None))
+    ref = _LAYERS.get(key)
+    if ref is None or ref() is not layer:
+        _LAYERS[key] = weakref.ref(layer, lambda r, k=key: _untrack(k, r))
 
 
 class _MaskedMixin:
@@ -56,32 +66,38 @@ class _MaskedMixin:
     weight: nn.Parameter
     weight_mask: Tensor
     _dense_cls: type[nn.Module]
+    # The weight this layer gave away with to_dense(): never written by this layer again.
+    _released: Tensor | None = None
 
     def _init_mask(self) -> None:
         ones = torch.ones(self.weight.shape, dtype=torch.bool, device=self.weight.device)
         self.register_buffer("weight_mask", ones)
-        self._masked_at: tuple[int, int, int] | None = None
+        self._released = None
         _track(self)
 
     # -- invariant ------------------------------------------------------------------
+    def _owns(self, w: Tensor) -> bool:
+        return self.weight is w and self._released is not w
+
+    def _claim(self) -> bool:
+        """Register the current weight and mask with the hook and the cache (cheap when
+        already done; the weight or mask may have been replaced since). False when the
+        weight was given away."""
+        w = self.weight
+        if self._released is w:
+            return False
+        _track(self)
+        _cache.own(w, self.weight_mask)
+        return True
+
     def remask_(self) -> None:
-        """Zero the stored weight where the mask is False (no-op when already done)."""
-        w, m = self.weight, self.weight_mask
-        key = (id(w), w._version, m._version)
-        if self._masked_at == key:
-            return
-        ref = _LAYERS.get(id(w))
-        if ref is None or ref() is not self:
-            _track(self)  # weight replaced (deepcopy, assignment): track the new one
-        with torch.no_grad():
-            if not bool(m.all()):
-                w.mul_(m)
-        self._masked_at = (id(w), w._version, m._version)
-        _cache.mark_masked(w, m)
+        """Zero the stored weight where the mask is False."""
+        if self._claim():
+            _cache.zero_pruned_(self.weight, self.weight_mask)
 
     def _masked_inputs(self) -> tuple[Tensor, Tensor]:
         if not torch.compiler.is_compiling():
-            self.remask_()
+            self._claim()
         return self.weight, self.weight_mask
 
     # -- mask API -------------------------------------------------------------------
@@ -112,18 +128,28 @@ class _MaskedMixin:
         key = prefix + "weight_mask"
         if key in missing_keys:  # a dense checkpoint: keep the current mask
             missing_keys.remove(key)
-        self._masked_at = None
         self.remask_()
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)  # type: ignore[misc]
-        self._masked_at = None
+        if not self._owns(self.weight):
+            return
         _track(self)
 
     # -- conversions ----------------------------------------------------------------
     def to_dense(self) -> nn.Module:
-        """The plain torch layer with the same (masked) parameters, mask dropped."""
+        """The plain torch layer with the same (masked) parameters, mask dropped.
+
+        The weight is handed over: from now on neither the optimizer hook nor this layer's
+        own forwards write it (this layer, if still called, computes with a masked copy).
+        """
         self.remask_()
+        w = self.weight
+        object.__setattr__(self, "_released", w)  # a plain reference, not a parameter
+        _cache.disown(w)
+        ref = _LAYERS.get(id(w))
+        if ref is not None and ref() is self:
+            del _LAYERS[id(w)]
         return _shell(self._dense_cls, self)
 
     @classmethod
@@ -150,7 +176,7 @@ def _shell(cls: type, src: nn.Module) -> nn.Module:
     """An instance of ``cls`` sharing ``src``'s parameters, buffers, settings and hooks."""
     new = cls.__new__(cls)
     for k, v in src.__dict__.items():
-        if k != "_masked_at":
+        if k != "_released":
             new.__dict__[k] = copy.copy(v) if isinstance(v, (dict, set)) else v
     new._buffers.pop("weight_mask", None)
     new._non_persistent_buffers_set.discard("weight_mask")
