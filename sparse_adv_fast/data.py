@@ -68,8 +68,8 @@ class DataFilesNotFound(DataError, FileNotFoundError):
     """A dataset's standard files are not in any of the folders searched."""
 
 
-def _check_name(name: str) -> str:
-    if name not in _INFO:
+def _check_name(name: Any) -> str:
+    if not isinstance(name, str) or name not in _INFO:
         raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
     return name
 

@@ -2,19 +2,42 @@
 
 Layers are plain ``nn.Conv2d`` / ``nn.Linear`` (call ``saf.sparsify`` to mask them). Each
 builder has a ``width`` multiplier: every hidden channel / feature count is exactly
-``base * width``, so IWI "widen" can build the same family at ``k * width``.
+``base * width``, so IWI "widen" can build the same family at ``k * width``. A width is a
+number in ``(0, MAX_WIDTH]`` (:func:`check_width`): the parameter count grows with its
+square, so the bound keeps a typo or a hostile checkpoint from asking for terabytes.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Sequence
+from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from . import data
 from .nn import Normalize
 
 Stats = Sequence[float] | float | None
+
+# VGG-16 at width 16 already has ~3.7e9 parameters; no experiment of the paper goes past 16.
+MAX_WIDTH = 16
+
+
+def check_width(width: Any) -> float:
+    """``width`` itself if it is a usable width multiplier, else a one-line ``ValueError``.
+
+    A width is a real number (not a bool), finite, in ``(0, MAX_WIDTH]``. This is the one
+    check for every source of a width: builders, :func:`build`, checkpoints and the CLI.
+    Whether ``base * width`` is an integer depends on the model; its builder checks that.
+    """
+    ok = (isinstance(width, numbers.Real) and not isinstance(width, bool)
+          and math.isfinite(width) and 0 < width <= MAX_WIDTH)
+    if not ok:
+        raise ValueError(f"width must be a number in (0, {MAX_WIDTH}], got {width!r}")
+    return width
 
 
 def _ch(base: int, width: float) -> int:
@@ -33,15 +56,17 @@ def _check(in_channels: int, num_classes: int, width: float, image_size: int) ->
                     ("image_size", image_size)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
-    if isinstance(width, bool) or not isinstance(width, (int, float)) or width <= 0:
-        raise ValueError(f"width must be a positive number, got {width!r}")
+    check_width(width)
 
 
 def _normalize(in_channels: int, mean: Stats, std: Stats) -> Normalize:
     # Without statistics the layer is the identity, so the model still owns normalisation.
     mean = (0.0,) * in_channels if mean is None else mean
     std = (1.0,) * in_channels if std is None else std
-    return Normalize(mean, std)
+    # Normalize checks std on its values, so its few numbers are always real (CPU) tensors,
+    # even when the model's shapes are built on the meta device (modelio does that).
+    with torch.device("cpu"):
+        return Normalize(mean, std)
 
 
 def small_cnn(
@@ -193,10 +218,21 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build(name: str, dataset: str, width: float = 1) -> nn.Module:
-    """Model ``name`` sized for ``dataset`` (channels, image size, classes, mean/std)."""
-    if name not in MODELS:
+def check_name(name: Any) -> str:
+    """``name`` if it names a model of :data:`MODELS`, else a one-line ``ValueError``."""
+    if not isinstance(name, str) or name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {tuple(MODELS)}")
+    return name
+
+
+def build(name: str, dataset: str, width: float = 1) -> nn.Module:
+    """Model ``name`` sized for ``dataset`` (channels, image size, classes, mean/std).
+
+    Every argument is checked (:func:`check_name`, ``data.info``, :func:`check_width`)
+    before anything is allocated.
+    """
+    check_name(name)
+    check_width(width)
     d = data.info(dataset)
     return MODELS[name](
         in_channels=d["in_channels"], num_classes=d["num_classes"], width=width,
@@ -204,4 +240,7 @@ def build(name: str, dataset: str, width: float = 1) -> nn.Module:
     )
 
 
-__all__ = ["MODELS", "build", "mlp", "resnet18", "small_cnn", "vgg16"]
+__all__ = [
+    "MAX_WIDTH", "MODELS", "build", "check_name", "check_width", "mlp", "resnet18",
+    "small_cnn", "vgg16",
+]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -112,3 +115,28 @@ def test_bad_arguments():
         models.resnet18(width=0)
     with pytest.raises(ValueError, match="in_channels"):
         models.small_cnn(in_channels=0)
+
+
+@pytest.mark.parametrize("w", [1, 0.5, 0.125, 16, 2.0, np.float64(4)])
+def test_check_width_accepts_sane_numbers(w):
+    assert models.check_width(w) is w
+
+
+@pytest.mark.parametrize("w", [0, -1, 16.5, 1e9, math.inf, -math.inf, math.nan, True, False,
+                               "2", None, [1], torch.tensor(1.0)])
+def test_check_width_refuses_with_one_line(w):
+    with pytest.raises(ValueError, match=r"^width must be a number in \(0, 16\], got ") as e:
+        models.check_width(w)
+    assert "\n" not in str(e.value)
+
+
+def test_build_checks_every_argument_before_allocating():
+    with pytest.raises(ValueError, match=r"width must be a number in \(0, 16\], got 1000000000"):
+        models.build("vgg16", "cifar10", width=1e9)
+    with pytest.raises(ValueError, match="unknown model"):
+        models.build(["small_cnn"], "digits")  # unhashable: ValueError, not TypeError
+    with pytest.raises(ValueError, match="unknown dataset"):
+        models.build("small_cnn", {"digits": 1})
+    with pytest.raises(ValueError, match="width must be a number"):
+        models.small_cnn(width=17)
+    assert models.check_name("mlp") == "mlp"
