@@ -251,3 +251,167 @@ def test_demo_quick_end_to_end_resumes_and_restarts(tmp_path, capsys):
     assert res4["stages_skipped"] == []
     assert [r["model"] for r in res4["rows"]] == ["dense", "imp_50", "iwi_ticket", "iwi_widen2x"]
     assert not (out / "stages" / "imp_80.pt").exists()
+
+
+# ---- per-stage random state and resume identity ---------------------------------------------
+def test_stage_seeds_are_distinct_per_seed_and_stage_and_checked():
+    from sparse_adv_fast.pipeline.stages import check_seed, stage_seed
+
+    names = ["dense", "imp_78.5", "imp_87.5", "eval_dense", "dense/fit"]
+    seeds = {(s, n): stage_seed(s, n) for s in (0, 1, 2**32 - 1) for n in names}
+    assert len(set(seeds.values())) == len(seeds)  # a sum of characters would collide here
+    assert stage_seed(3, "dense") == stage_seed(3, "dense") and 0 <= stage_seed(3, "x") < 2**64
+    for bad in (-1, 2**32, 1.0, True, "1"):
+        with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*32\)"):
+            check_seed(bad)
+
+
+def test_seed_stage_reseeds_the_loader_generator_whatever_it_drew_before():
+    from sparse_adv_fast.pipeline.stages import seed_stage
+
+    loader = torch.utils.data.DataLoader(list(range(20)), batch_size=5, shuffle=True,
+                                         generator=torch.Generator().manual_seed(0))
+    seed_stage(7, "imp_50", loader)
+    first = [b.tolist() for b in loader]
+    for _ in range(3):  # what earlier stages of this process drew
+        list(loader)
+    seed_stage(7, "imp_50", loader)
+    assert [b.tolist() for b in loader] == first
+    seed_stage(7, "imp_80", loader)
+    assert [b.tolist() for b in loader] != first
+
+
+def _tiny_demo_cfg():
+    import dataclasses
+
+    c = DemoConfig.make(quick=True, epochs=2, sparsities=(0.5,))
+    return dataclasses.replace(c, train_subset=320, val_size=64, eval_subset=64,
+                               metrics_samples=32, eval_attacks=("pgd10",), train_steps=1,
+                               rewind_at=2, batch_size=64)
+
+
+def _comparable(out):
+    res = json.loads((out / "results.json").read_text())
+    for k in ("seconds", "stages_ran", "stages_skipped"):
+        res.pop(k)
+    return res
+
+
+def _interrupt_fit(monkeypatch, stage, *, after_epoch=None):
+    """Make ``saf.train.fit`` raise KeyboardInterrupt in the fit writing ``<stage>.partial.pt``:
+    at its start (``after_epoch=None``: killed in the first epoch, nothing saved) or after
+    epoch ``after_epoch``'s checkpoint (killed mid-stage). Once; later calls run normally."""
+    real = saf.train.fit
+    fired = []
+
+    def fit(model, loaders, **kw):
+        if not fired and str(kw.get("checkpoint", "")).endswith(f"{stage}.partial.pt"):
+            fired.append(1)
+            if after_epoch is None:
+                raise KeyboardInterrupt
+
+            def stop(epoch, history):
+                if epoch == after_epoch:
+                    raise KeyboardInterrupt
+
+            kw["callback"] = stop
+        return real(model, loaders, **kw)
+
+    monkeypatch.setattr(saf.train, "fit", fit)
+    return fired
+
+
+@pytest.mark.slow
+def test_demo_resumed_anywhere_gives_the_uninterrupted_results(tmp_path, monkeypatch):
+    from sparse_adv_fast.pipeline import demo
+
+    cfg = _tiny_demo_cfg()
+    demo.run_demo(cfg, tmp_path / "straight", progress=False)
+    want = _comparable(tmp_path / "straight")
+
+    def boundary(out):  # after stage dense: the next stage never started
+        def stop(*a, **k):
+            raise KeyboardInterrupt
+
+        with monkeypatch.context() as m:
+            m.setattr(demo.Demo, "stage_imp", stop)
+            with pytest.raises(KeyboardInterrupt):
+                demo.run_demo(cfg, out, progress=False)
+        assert sorted(p.name for p in (out / "stages").glob("*.pt")) == ["dense.pt"]
+
+    def first_epoch(out):  # inside imp_50 before its first epoch finished
+        with monkeypatch.context() as m:
+            fired = _interrupt_fit(m, "imp_50")
+            with pytest.raises(KeyboardInterrupt):
+                demo.run_demo(cfg, out, progress=False)
+        assert fired and not (out / "stages" / "imp_50.partial.pt").exists()
+
+    def mid_stage(out):  # dense after its first of two epochs
+        with monkeypatch.context() as m:
+            fired = _interrupt_fit(m, "dense", after_epoch=1)
+            with pytest.raises(KeyboardInterrupt):
+                demo.run_demo(cfg, out, progress=False)
+        assert fired and (out / "stages" / "dense.partial.pt").exists()
+
+    for kill in (boundary, first_epoch, mid_stage):
+        out = tmp_path / kill.__name__
+        kill(out)
+        demo.run_demo(cfg, out, progress=False)  # the same process resumes
+        assert _comparable(out) == want, kill.__name__
+
+
+TINY = ["--epochs", "2", "--batch-size", "256", "--no-progress"]
+
+
+def _weights(path):
+    return modelio.load_model(path)[0].state_dict()
+
+
+def _same_weights(a, b):
+    wa, wb = _weights(a), _weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.fixture(scope="module")
+def dense_ckpt(tmp_path_factory):
+    saf.backends.use("torch")
+    path = tmp_path_factory.mktemp("dense") / "m.pt"
+    assert cli.main(["train", "--method", "natural", *TINY, "--out", str(path)]) == 0
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cmd, stage", [
+    (["train", "--method", "pgd", "--steps", "1"], "train"),
+    (["prune", "{m}", "--method", "imp", "--rounds", "2", "--sparsity", "0.75",
+      "--train-method", "pgd", "--steps", "1"], "imp_round2"),
+    (["prune", "{m}", "--method", "hydra", "--sparsity", "0.5", "--train-method", "natural",
+      "--steps", "1"], "finetune"),
+    (["iwi", "{m}", "--mode", "widen", "--method", "pgd", "--steps", "1"], "iwi"),
+])
+def test_killed_command_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch, capsys,
+                                                              dense_ckpt, cmd, stage):
+    from sparse_adv_fast.pipeline.commands import run_dir
+
+    argv = [a.format(m=dense_ckpt) for a in cmd] + TINY
+    straight, killed = tmp_path / "straight.pt", tmp_path / "killed.pt"
+    assert cli.main([*argv, "--out", str(straight)]) == 0
+    assert not run_dir(straight).exists()  # removed once the output is written
+
+    with monkeypatch.context() as m:
+        fired = _interrupt_fit(m, stage, after_epoch=1)
+        assert cli.main([*argv, "--out", str(killed)]) == 130
+    assert fired and not killed.exists()
+    assert "interrupted; rerun the same command to resume" in capsys.readouterr().err
+    assert (run_dir(killed) / "stages" / f"{stage}.partial.pt").exists()
+
+    # Other settings are refused (the resumed run would mix two configurations) ...
+    assert cli.main([*argv, "--lr", "0.01", "--out", str(killed)]) == 1
+    err = capsys.readouterr().err
+    assert "other settings" in err and "lr: 0.05 -> 0.01" in err and "--fresh" in err
+
+    # ... the same command resumes and ends exactly where the uninterrupted run did.
+    assert cli.main([*argv, "--out", str(killed)]) == 0
+    assert "resuming the interrupted run" in capsys.readouterr().err
+    assert _same_weights(killed, straight)
+    assert not run_dir(killed).exists()
