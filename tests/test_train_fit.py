@@ -11,6 +11,7 @@ import torch
 
 import sparse_adv_fast as saf
 from sparse_adv_fast import data, models
+from sparse_adv_fast.finite import NonFiniteError
 from sparse_adv_fast.train import History, fit
 
 
@@ -173,7 +174,49 @@ def test_progress_bar_and_explicit_device(capsys):
 
 def test_non_finite_loss_is_an_error():
     model, (tr, _) = _tiny()
-    with torch.no_grad():
-        model[-1].bias.fill_(float("nan"))
-    with pytest.raises(FloatingPointError, match="non-finite"):
-        fit(model, (tr, None), "natural", epochs=1, progress=False, max_batches=2)
+    # Finite weights, but an input that makes the loss NaN: the loss check names the epoch.
+    bad = _Spy([(torch.full_like(x, float("nan")), y) for x, y in tr])
+    with pytest.raises(NonFiniteError, match=r"loss became non-finite in epoch 1"):
+        fit(model, bad, "natural", epochs=1, progress=False, max_batches=2)
+
+
+class _Spy:
+    """A loader that records whether fit iterated it."""
+
+    def __init__(self, loader):
+        self.loader, self.used = loader, False
+
+    def __iter__(self):
+        self.used = True
+        return iter(self.loader)
+
+    def __len__(self):
+        return len(self.loader)
+
+
+def test_a_dict_with_test_but_no_val_is_refused_unless_asked():
+    model = models.small_cnn(width=0.5)
+    with pytest.raises(ValueError, match=r"'test' but no 'val'.*val_on_test=True"):
+        fit(model, {"train": _Untouchable(), "test": _Untouchable()}, progress=False)
+    _, (tr, te) = _tiny()
+    kw = dict(epochs=1, progress=False, max_batches=1, val_batches=1, val_steps=1)
+    spy = _Spy(te)
+    h = fit(model, {"train": tr, "test": spy}, val_on_test=True, **kw)
+    assert spy.used and h.val_clean_acc[0] is not None
+    spy, val = _Spy(te), _Spy(te)
+    h = fit(model, {"train": tr, "val": val, "test": spy}, **kw)
+    assert val.used and not spy.used and h.val_clean_acc[0] is not None
+    h = fit(model, {"train": tr}, **kw)
+    assert h.val_clean_acc == [None]
+
+
+def test_a_bare_train_loader_trains_without_validation():
+    model, (tr, _) = _tiny(seed=2)
+    ref = copy.deepcopy(model)
+    h = fit(model, tr, "natural", epochs=2, progress=False, max_batches=2)
+    assert len(h) == 2 and h.val_clean_acc == [None, None] and h.val_pgd_acc == [None, None]
+    # the same run as an explicit (train, None) pair
+    _, (tr2, _) = _tiny(seed=2)
+    fit(ref, (tr2, None), "natural", epochs=2, progress=False, max_batches=2)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k

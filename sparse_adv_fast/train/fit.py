@@ -16,6 +16,8 @@ from torch.utils.data import DataLoader
 
 from .. import checkpoint as ckpt_io
 from ..checkpoint import CheckpointError
+from ..finite import NonFiniteError, check_finite, first_nonfinite
+from . import resume as rs
 from . import state as rng
 from .history import History
 from .methods import DEFAULT_ALPHA, METHODS, MethodConfig
@@ -25,9 +27,7 @@ from .validation import accuracy, fixed_batches, pgd_accuracy
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "step", "none")
 NORMS = ("linf", "l2")
-FORMAT = "sparse_adv_fast.fit/1"
-_CKPT_KEYS = ("epoch", "method", "config", "stopped", "model", "optimizer", "scheduler", "rng",
-              "history", "detector", "rewind_state")
+FORMAT = rs.FORMAT
 
 _logger = logging.getLogger("sparse_adv_fast.train")
 _SYNC_EVERY = 10
@@ -50,16 +50,34 @@ def _int(name: str, v: Any, lo: int, *, optional: bool = False) -> None:
                          f"got {v!r}")
 
 
-def _split_loaders(loaders: Any) -> tuple[Any, Any]:
+def _split_loaders(loaders: Any, val_on_test: bool) -> tuple[Any, Any]:
+    """``(train, val)`` from a bare loader, a ``(train, val)`` pair or a dict.
+
+    A dict's ``"test"`` entry is used for validation only with ``val_on_test``: model
+    selection and the overfitting check on the test split would bias the reported test
+    numbers, so it never happens silently.
+    """
     if isinstance(loaders, Mapping):
         if "train" not in loaders:
             raise ValueError(f"fit: a loaders dict needs a 'train' key, got {sorted(loaders)}")
-        val = loaders.get("val", loaders.get("test"))
-        return loaders["train"], val
-    if isinstance(loaders, (tuple, list)) and len(loaders) == 2:
-        return loaders[0], loaders[1]
-    raise ValueError("fit: loaders must be (train_loader, val_loader) or a dict with 'train' "
-                     f"and 'val' (or 'test'), got {type(loaders).__name__}")
+        if "val" in loaders:
+            return loaders["train"], loaders["val"]
+        if "test" in loaders and not val_on_test:
+            raise ValueError(
+                "fit: the loaders dict has 'test' but no 'val'; fit does not validate on the "
+                "test split unless asked: pass a held-out 'val' loader (data.split_loaders), "
+                "val_on_test=True to validate on 'test' knowingly, or only 'train' for no "
+                "validation"
+            )
+        return loaders["train"], loaders.get("test")
+    if isinstance(loaders, (tuple, list)):
+        if len(loaders) == 2:
+            return loaders[0], loaders[1]
+    elif loaders is not None and not isinstance(loaders, (str, bytes)) and hasattr(
+            loaders, "__iter__"):
+        return loaders, None  # a bare train loader: no validation
+    raise ValueError("fit: loaders must be a train loader, (train_loader, val_loader) or a "
+                     f"dict with 'train' and optionally 'val', got {type(loaders).__name__}")
 
 
 def _emitter(log: Any) -> Callable[[str], None]:
@@ -89,25 +107,12 @@ def _make_schedule(name: str, opt: torch.optim.Optimizer, epochs: int):
     return None
 
 
-def _check_model_state(path: Path, saved: Mapping[str, Tensor], model: nn.Module) -> None:
-    own = model.state_dict()
-    missing = sorted(set(own) - set(saved))
-    unexpected = sorted(set(saved) - set(own))
-    shapes = sorted(k for k in set(own) & set(saved)
-                    if tuple(own[k].shape) != tuple(saved[k].shape))
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing[:5]}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected[:5]}")
-        if shapes:
-            parts.append("shape mismatch " + ", ".join(
-                f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(own[k].shape)}"
-                for k in shapes[:5]))
-        raise CheckpointError(
-            f"checkpoint {path} was written for a different model: {'; '.join(parts)}"
-        )
+def _data_seed(seed: int | None, gens: list[torch.Generator]) -> int | None:
+    """The seed of the per-epoch shuffles: ``seed``, else the loader generator's own seed
+    (``data.loaders(seed=s)`` seeds it with ``s``); ``None`` when fit controls no sampler."""
+    if not gens:
+        return None
+    return seed if seed is not None else int(gens[0].initial_seed())
 
 
 def fit(
@@ -140,22 +145,30 @@ def fit(
     co_drop: float = 0.2,
     co_probe: Probe | None = None,
     callback: Callable[[int, History], None] | None = None,
+    seed: int | None = None,
+    val_on_test: bool = False,
 ) -> History:
     """Train ``model`` in place with ``method`` and return its :class:`History`.
 
     Args:
         model: a model taking inputs in [0, 1] (masked layers keep pruned weights at 0).
-        loaders: ``(train_loader, val_loader)`` or ``{"train": ..., "val": ...}``; the
-            validation loader may be ``None`` (no validation, no overfitting check).
+        loaders: a train loader alone (no validation), ``(train_loader, val_loader)`` or
+            ``{"train": ..., "val": ...}``; the validation loader may be ``None`` (no
+            validation, no overfitting check). A dict with ``"test"`` but no ``"val"`` is
+            refused unless ``val_on_test=True``: fit never selects or stops on the test
+            split behind the user's back.
         method: ``"natural"``, ``"pgd"`` (PGD-AT), ``"trades"`` or ``"fgsm_rs"``.
         epochs, lr, momentum, weight_decay, optimizer (``"sgd"``/``"adam"``), schedule
             (``"cosine"``/``"step"`` (x0.1 at 50% and 75%)/``"none"``, stepped per epoch).
         eps, alpha, steps, norm: training attack; ``alpha`` defaults to ``eps / 4`` (pgd,
             trades) or ``1.25 * eps`` (fgsm_rs). ``beta``: TRADES weight.
-        checkpoint: a file; after every epoch the full training state is written to it
-            atomically. With ``resume`` an existing one is loaded and training continues
-            from the next epoch, ending with the same result as an uninterrupted run.
-            A corrupt or mismatched file raises :class:`CheckpointError`.
+        checkpoint: a file; after every epoch the full training state and the run's
+            settings are written to it atomically, never with non-finite weights. With
+            ``resume`` an existing one is loaded and training continues from the next
+            epoch, ending with the same result as an uninterrupted run. A corrupt or
+            mismatched file, or one written with other settings (the error lists each
+            difference), raises :class:`CheckpointError`; one holding NaN/Inf weights
+            raises :class:`NonFiniteError`. The file is never changed by a refusal.
         rewind_at: iteration ``k`` whose state_dict is kept as ``history.rewind_state``
             (``0`` = the initial weights), for lottery-ticket rewinding.
         co_check: for the adversarial methods, stop at catastrophic overfitting: when the
@@ -168,6 +181,17 @@ def fit(
             ``eps / 4``) on the first ``val_batches`` validation batches, fixed for the run.
         co_probe: ``probe(model, epoch) -> accuracy`` replacing that PGD measurement.
         callback: ``callback(epoch, history)`` after each epoch's checkpoint.
+        seed: seed of the data order. When the train loader shuffles with its own
+            ``torch.Generator`` (as ``data.loaders`` builds it), epoch ``e`` is shuffled
+            from ``(seed, e)`` alone, so the order never depends on what the generator
+            drew before (a cached loader, a restart); the generator is given back in its
+            entry state. Defaults to the generator's ``initial_seed()``. A loader
+            without a generator draws from the global RNG, which the checkpoint restores.
+        val_on_test: allow a loaders dict's ``"test"`` entry as the validation loader.
+
+    Raises:
+        NonFiniteError: the loss or weights became NaN/Inf; the message names the epoch,
+            the iteration and the first bad tensor. The last good checkpoint is kept.
     """
     # ---- validate everything before any work ------------------------------------------
     if method not in METHODS:
@@ -191,9 +215,10 @@ def fit(
     _int("max_batches", max_batches, 1, optional=True)
     _int("val_batches", val_batches, 1)
     _int("val_steps", val_steps, 1)
+    _int("seed", seed, 0, optional=True)
     if not isinstance(model, nn.Module):
         raise TypeError(f"fit: model must be an nn.Module, got {type(model).__name__}")
-    train_loader, val_loader = _split_loaders(loaders)
+    train_loader, val_loader = _split_loaders(loaders, val_on_test)
     if train_loader is None:
         raise ValueError("fit: the train loader is None")
     emit = _emitter(log)
@@ -211,6 +236,17 @@ def fit(
     opt = _make_optimizer(optimizer, params, lr, momentum, weight_decay)
     sched = _make_schedule(schedule, opt, epochs)
     gens = rng.loader_generators(train_loader)
+    data_seed = _data_seed(seed, gens)
+    settings = {
+        "method": method, "epochs": epochs, "optimizer": optimizer, "lr": float(lr),
+        "momentum": float(momentum), "weight_decay": float(weight_decay),
+        "schedule": schedule, "eps": cfg.eps, "alpha": cfg.alpha, "steps": steps,
+        "beta": cfg.beta, "norm": norm, "seed": data_seed, **rs.loader_facts(train_loader),
+        "max_batches": max_batches, "rewind_at": rewind_at, "co_check": bool(co_check),
+        "co_ratio": float(co_ratio), "co_drop": float(co_drop), "co_probe": co_probe is not None,
+        "validation": val_loader is not None, "val_batches": val_batches,
+        "val_steps": val_steps,
+    }
     history = History(method=method, rewind_at=rewind_at)
     check_co = co_check and method != "natural" and (
         co_probe is not None or (val_loader is not None and eps > 0))
@@ -225,105 +261,120 @@ def fit(
         return pgd_accuracy(model, fixed, eps=cfg.eps, alpha=cfg.eps / 4, steps=val_steps,
                             norm=norm, device=dev)
 
-    # ---- resume -------------------------------------------------------------------------
     path = Path(checkpoint) if checkpoint is not None else None
-    start = 0
-    if path is not None and resume and path.exists():
-        saved = ckpt_io.load(path)
-        if not isinstance(saved, dict) or saved.get("format") != FORMAT:
-            raise CheckpointError(f"checkpoint {path} is not a sparse_adv_fast fit checkpoint "
-                                  f"(expected format {FORMAT!r})")
-        absent = sorted(set(_CKPT_KEYS) - set(saved))
-        if absent:
-            raise CheckpointError(f"checkpoint {path} is incomplete: missing {absent}")
-        if saved["method"] != method:
-            raise CheckpointError(f"checkpoint {path} was written by method={saved['method']!r}"
-                                  f", but fit was called with method={method!r}")
-        for key, now in (("optimizer", optimizer), ("schedule", schedule)):
-            if saved["config"].get(key) != now:
-                raise CheckpointError(
-                    f"checkpoint {path} was written with {key}={saved['config'].get(key)!r}, "
-                    f"but fit was called with {key}={now!r}"
-                )
-        _check_model_state(path, saved["model"], model)
-        try:  # everything that can still mismatch, before the model is overwritten
-            opt.load_state_dict(saved["optimizer"])
-            if sched is not None and saved["scheduler"] is not None:
-                sched.load_state_dict(saved["scheduler"])
-            rng.restore(saved["rng"], gens)
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise CheckpointError(f"checkpoint {path} does not match this run's optimizer, "
-                                  f"schedule or loader: {e}") from e
-        model.load_state_dict(saved["model"])
-        if saved["detector"] is not None:
-            detector.load_state_dict(saved["detector"])
-        history = History.from_dict(saved["history"])
-        history.rewind_state = saved["rewind_state"]
-        history.resumed_from_epoch = start = int(saved["epoch"])
-        emit(f"resumed from {path} after epoch {start}")
-        if saved["stopped"]:
-            return history
 
     def save(epoch: int, stopped: bool) -> None:
-        if path is None:
-            return
-        ckpt_io.save_atomic({
-            "format": FORMAT, "epoch": epoch, "method": method, "stopped": stopped,
-            "config": {"optimizer": optimizer, "schedule": schedule},
-            "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict() if sched is not None else None,
-            "rng": rng.capture(gens), "history": history.as_dict(),
-            "detector": detector.state_dict() if check_co else None,
-            "rewind_state": history.rewind_state,
-        }, path)
+        if path is not None:
+            _save_if_finite(path, {
+                "format": FORMAT, "epoch": epoch, "method": method, "stopped": stopped,
+                "config": settings, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict() if sched is not None else None,
+                "rng": rng.capture(gens), "history": history.as_dict(),
+                "detector": detector.state_dict() if check_co else None,
+                "rewind_state": history.rewind_state,
+            }, epoch)
 
-    if rewind_at == 0 and history.rewind_state is None:
-        history.rewind_state = _cpu_state(model)
-
-    # ---- train --------------------------------------------------------------------------
-    for epoch in range(start + 1, epochs + 1):
-        t0 = time.perf_counter()
-        cur_lr = float(opt.param_groups[0]["lr"])
-        loss_sum, correct, seen = _train_epoch(
-            model, train_loader, loss_fn, cfg, opt, dev, max_batches, history, rewind_at,
-            progress, f"{method} {epoch}/{epochs}",
-        )
-        if sched is not None:
-            sched.step()
-        clean = (accuracy(model, val_loader, device=dev, max_batches=max_batches)
-                 if val_loader is not None else None)
-        robust = probe(epoch)
-        record = {
-            "epoch": epoch, "train_loss": loss_sum / max(seen, 1),
-            "train_acc": correct / max(seen, 1), "val_clean_acc": clean,
-            "val_pgd_acc": robust, "lr": cur_lr, "time": time.perf_counter() - t0,
-        }
-        history.epochs.append(record)
-        emit(_fmt(record))
-        stopped = False
-        if check_co and robust is not None:
-            if detector.update(epoch, robust, model):
-                history.co_detected_epoch = epoch
-                detector.restore_best(model)
-                history.rolled_back = True
-                stopped = True
-                emit(f"catastrophic overfitting at epoch {epoch}: PGD accuracy {robust:.3f} vs "
-                     f"best {detector.best_acc:.3f} (epoch {detector.best_epoch}); rolled back "
-                     "to the best epoch and stopped")
-            history.best_epoch = detector.best_epoch
-            history.best_val_pgd_acc = detector.best_acc
-        save(epoch, stopped)
-        if callback is not None:
-            callback(epoch, history)
+    with rng.preserved(gens):
+        # ---- resume ---------------------------------------------------------------------
+        start, stopped = 0, False
+        if path is not None and resume and path.exists():
+            history, stopped = _resume(path, settings, model, opt, sched, gens, detector)
+            start = int(history.resumed_from_epoch or 0)
+            emit(f"resumed from {path} after epoch {start}")
         if stopped:
-            break
+            return history
+        # A NaN start would train to NaN and look like divergence; name the real cause.
+        check_finite(model, "fit: the model given to fit")
+        if rewind_at == 0 and history.rewind_state is None:
+            history.rewind_state = _cpu_state(model)
+
+        # ---- train ----------------------------------------------------------------------
+        for epoch in range(start + 1, epochs + 1):
+            t0 = time.perf_counter()
+            cur_lr = float(opt.param_groups[0]["lr"])
+            if data_seed is not None:
+                rng.seed_epoch(gens, data_seed, epoch)
+            loss_sum, correct, seen = _train_epoch(
+                model, train_loader, loss_fn, cfg, opt, dev, max_batches, history, rewind_at,
+                progress, epoch, f"{method} {epoch}/{epochs}",
+            )
+            if sched is not None:
+                sched.step()
+            clean = (accuracy(model, val_loader, device=dev, max_batches=max_batches)
+                     if val_loader is not None else None)
+            robust = probe(epoch)
+            record = {
+                "epoch": epoch, "train_loss": loss_sum / max(seen, 1),
+                "train_acc": correct / max(seen, 1), "val_clean_acc": clean,
+                "val_pgd_acc": robust, "lr": cur_lr, "time": time.perf_counter() - t0,
+            }
+            history.epochs.append(record)
+            emit(_fmt(record))
+            stopped = False
+            if check_co and robust is not None:
+                if detector.update(epoch, robust, model):
+                    history.co_detected_epoch = epoch
+                    detector.restore_best(model)
+                    history.rolled_back = True
+                    stopped = True
+                    emit(f"catastrophic overfitting at epoch {epoch}: PGD accuracy "
+                         f"{robust:.3f} vs best {detector.best_acc:.3f} (epoch "
+                         f"{detector.best_epoch}); rolled back to the best epoch and stopped")
+                history.best_epoch = detector.best_epoch
+                history.best_val_pgd_acc = detector.best_acc
+            save(epoch, stopped)
+            if callback is not None:
+                callback(epoch, history)
+            if stopped:
+                break
     return history
+
+
+def _resume(
+    path: Path, settings: Mapping[str, Any], model: nn.Module, opt: torch.optim.Optimizer,
+    sched: Any, gens: list[torch.Generator], detector: OverfitDetector,
+) -> tuple[History, bool]:
+    """Load checkpoint ``path`` into the run; return its History and whether it had stopped.
+
+    Everything that can refuse the file is checked before the model is overwritten.
+    """
+    saved = ckpt_io.load(path)
+    rs.check_format(path, saved)
+    rs.check_model_state(path, saved["model"], model)  # another model: say that first
+    rs.check_settings(path, saved["config"], settings)
+    rs.check_saved_finite(path, saved)
+    try:
+        opt.load_state_dict(saved["optimizer"])
+        if sched is not None and saved["scheduler"] is not None:
+            sched.load_state_dict(saved["scheduler"])
+        rng.restore(saved["rng"], gens)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint {path} does not match this run's optimizer, "
+                              f"schedule or loader: {e}") from e
+    model.load_state_dict(saved["model"])
+    if saved["detector"] is not None:
+        detector.load_state_dict(saved["detector"])
+    history = History.from_dict(saved["history"])
+    history.rewind_state = saved["rewind_state"]
+    history.resumed_from_epoch = int(saved["epoch"])
+    return history, bool(saved["stopped"])
+
+
+def _save_if_finite(path: Path, state: dict[str, Any], epoch: int) -> None:
+    """Write the checkpoint atomically unless its weights are non-finite.
+
+    The epoch's own check normally raises first; this guard makes "a checkpoint never
+    holds NaN/Inf weights" hold on every path (the roll-back included), so the last good
+    checkpoint is never replaced by a bad one.
+    """
+    check_finite(state["model"], f"fit: epoch {epoch} not saved to {path}")
+    ckpt_io.save_atomic(state, path)
 
 
 def _train_epoch(
     model: nn.Module, loader: DataLoader, loss_fn: Callable, cfg: MethodConfig,
     opt: torch.optim.Optimizer, dev: torch.device, max_batches: int | None,
-    history: History, rewind_at: int | None, progress: bool, desc: str,
+    history: History, rewind_at: int | None, progress: bool, epoch: int, desc: str,
 ) -> tuple[float, int, int]:
     from tqdm.auto import tqdm
 
@@ -354,19 +405,32 @@ def _train_epoch(
             seen += n
             bar.update(1)
             if history.iterations % _SYNC_EVERY == 0:
-                _check_finite(loss_sum, history.iterations)
+                _check_loss(loss_sum, model, epoch, history.iterations)
                 bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}",
                                 acc=f"{int(correct) / seen:.3f}")
-    _check_finite(loss_sum, history.iterations)
+    _check_loss(loss_sum, model, epoch, history.iterations)
+    _check_weights(model, epoch, history.iterations)
     return float(loss_sum), int(correct), seen
 
 
-def _check_finite(loss_sum: Tensor, iteration: int) -> None:
+_ADVICE = "lower the learning rate or check the data"
+
+
+def _check_loss(loss_sum: Tensor, model: nn.Module, epoch: int, iteration: int) -> None:
+    """Raise :class:`NonFiniteError` once the epoch's summed loss is NaN/Inf."""
     if not bool(torch.isfinite(loss_sum)):
-        raise FloatingPointError(
-            f"fit: the training loss became non-finite (by iteration {iteration}); lower the "
-            "learning rate or check the data"
+        bad = first_nonfinite(model)
+        layer = f"first non-finite tensor {bad}" if bad else "the weights are still finite"
+        raise NonFiniteError(
+            f"fit: the training loss became non-finite in epoch {epoch} (by iteration "
+            f"{iteration}; {layer}); {_ADVICE}"
         )
+
+
+def _check_weights(model: nn.Module, epoch: int, iteration: int) -> None:
+    """Raise :class:`NonFiniteError` if a step left NaN/Inf weights behind a finite loss."""
+    check_finite(model, f"fit: the weights became non-finite in epoch {epoch} (by iteration "
+                        f"{iteration}); {_ADVICE}")
 
 
 def _fmt(r: dict[str, Any]) -> str:

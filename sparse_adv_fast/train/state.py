@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -19,6 +21,41 @@ def loader_generators(loader: Any) -> list[torch.Generator]:
         if isinstance(g, torch.Generator) and all(g is not h for h in found):
             found.append(g)
     return found
+
+
+def epoch_seed(seed: int, epoch: int, index: int = 0) -> int:
+    """Seed of generator ``index``'s shuffle in ``epoch``: a function of these three only.
+
+    ``SeedSequence`` mixes the tuple, so neighbouring (seed, epoch) pairs give unrelated
+    streams (``seed + epoch`` would make seed 0 epoch 2 repeat seed 1 epoch 1).
+    """
+    words = np.random.SeedSequence([seed, epoch, index]).generate_state(2, np.uint32)
+    return (int(words[0]) << 31 | int(words[1]) >> 1) & ((1 << 63) - 1)
+
+
+def seed_epoch(generators: list[torch.Generator], seed: int, epoch: int) -> None:
+    """Reseed the loader generators for ``epoch``, whatever they drew before.
+
+    A loader cached by the caller (shared by several runs, or rebuilt after a restart)
+    then shuffles epoch ``e`` the same way every time.
+    """
+    for i, g in enumerate(generators):
+        g.manual_seed(epoch_seed(seed, epoch, i))
+
+
+@contextmanager
+def preserved(generators: list[torch.Generator]) -> Iterator[None]:
+    """Give the generators back in the state they had on entry (also on an exception).
+
+    ``fit`` reseeds a loader's generator per epoch; leaving it reseeded would make the
+    next run's default seed (the generator's ``initial_seed``) depend on this one.
+    """
+    states = [g.get_state() for g in generators]
+    try:
+        yield
+    finally:
+        for g, s in zip(generators, states, strict=True):
+            g.set_state(s)
 
 
 def capture(generators: list[torch.Generator]) -> dict[str, Any]:
@@ -58,4 +95,4 @@ def restore(state: dict[str, Any], generators: list[torch.Generator]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-__all__ = ["capture", "loader_generators", "restore"]
+__all__ = ["capture", "epoch_seed", "loader_generators", "preserved", "restore", "seed_epoch"]
