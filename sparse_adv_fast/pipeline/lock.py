@@ -136,13 +136,22 @@ class RunLock:
     def _acquire_flock(self) -> None:
         assert fcntl is not None
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd, created = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+            except FileExistsError:
+                try:
+                    fd, created = os.open(self.path, os.O_RDWR), False
+                except FileNotFoundError:  # released and removed meanwhile: start over
+                    continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
                 os.close(fd)
                 if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise self._refuse(_read(self.path)) from None
+                if created:  # the fallback must not find our own empty file
+                    with contextlib.suppress(OSError):
+                        self.path.unlink()
                 raise _NoFlock from e
             # The holder may have released and unlinked the file between our open and our
             # flock: then we hold a lock on a file nobody else will see; try again.
