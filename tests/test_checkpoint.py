@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
+
 import pytest
 import torch
 
@@ -65,3 +69,76 @@ def test_weights_only_refuses_arbitrary_objects(tmp_path):
     with pytest.raises(CheckpointError, match="weights_only"):
         checkpoint.load(path)
     assert isinstance(checkpoint.load(path, weights_only=False)["x"], _Custom)
+
+
+# ---- write_atomic: the one atomic-write helper (text, bytes, torch objects, PNGs) ------------
+def test_write_atomic_text_bytes_and_writer(tmp_path):
+    p = tmp_path / "f"
+    checkpoint.write_atomic(p, "héllo\n")
+    assert p.read_text(encoding="utf-8") == "héllo\n"
+    checkpoint.write_atomic(p, b"\x00\x01")
+    assert p.read_bytes() == b"\x00\x01"
+    checkpoint.write_atomic(p, lambda f: f.write(b"from a writer"))
+    assert p.read_bytes() == b"from a writer"
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["f"]
+
+
+def test_concurrent_writers_of_one_path_never_share_a_temp_file(tmp_path):
+    # The inner write runs while the outer one has its temp file open: a fixed temp name
+    # would make them clobber each other's half-written data.
+    p = tmp_path / "results.json"
+
+    def outer(f):
+        f.write(b"outer-start ")
+        checkpoint.write_atomic(p, "inner")
+        assert p.read_text() == "inner"
+        f.write(b"outer-end")
+
+    checkpoint.write_atomic(p, outer)
+    assert p.read_bytes() == b"outer-start outer-end"
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["results.json"]
+
+
+def _enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("where", ["while writing", "at fsync"])
+def test_full_disk_keeps_the_earlier_file_with_a_one_line_error(tmp_path, monkeypatch, where):
+    p = tmp_path / "ck.pt"
+    checkpoint.save_atomic({"epoch": 1}, p)
+    before = p.read_bytes()
+    if where == "at fsync":  # delayed allocation: a full disk often surfaces only here
+        monkeypatch.setattr(checkpoint.os, "fsync", _enospc)
+        write = lambda: checkpoint.save_atomic({"epoch": 2}, p)  # noqa: E731
+    else:
+        def half(f):
+            f.write(b"half a checkpoint")
+            _enospc()
+
+        write = lambda: checkpoint.write_atomic(p, half)  # noqa: E731
+    with pytest.raises(OSError) as e:
+        write()
+    assert e.value.errno == errno.ENOSPC
+    msg = str(e.value)
+    assert "\n" not in msg and str(p) in msg and "No space left on device" in msg
+    assert "earlier file is unchanged" in msg
+    monkeypatch.undo()
+    assert p.read_bytes() == before and checkpoint.load(p) == {"epoch": 1}
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["ck.pt"]  # no temp file left
+
+
+def test_written_files_get_normal_permissions(tmp_path):
+    umask = os.umask(0)
+    os.umask(umask)
+    p = tmp_path / "new.json"
+    checkpoint.write_atomic(p, "{}")
+    assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask  # not mkstemp's 0o600
+    p.chmod(0o640)
+    checkpoint.write_atomic(p, "{}")
+    assert stat.S_IMODE(p.stat().st_mode) == 0o640  # a replaced file keeps its mode
+
+
+def test_loading_a_directory_says_so(tmp_path):
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        checkpoint.load(tmp_path)
