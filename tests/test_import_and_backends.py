@@ -71,6 +71,7 @@ def test_auto_falls_back_to_torch_with_one_log_line(monkeypatch, caplog):
         raise RuntimeError("compiler exploded")
 
     monkeypatch.setattr(backends._cpp, "loader", broken)
+    monkeypatch.setattr(backends._cpp, "variants", broken)  # auto's measured candidates
     monkeypatch.setattr(backends._cpp, "unavailable_reason", lambda: None)
     backends.reset()
     caplog.set_level("INFO", logger="sparse_adv_fast")

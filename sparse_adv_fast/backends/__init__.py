@@ -1,7 +1,19 @@
-"""Backend registry: which implementation runs an op for a given tensor.
+"""Backend registry: which implementation runs an op for a given call.
 
-Order for CUDA tensors is ``cuda > triton > torch``; for CPU tensors ``cpp > torch``
-(``triton`` also runs CPU tensors when ``TRITON_INTERPRET=1``, but only when forced).
+``auto`` (the default) decides **by measurement** (:mod:`._autotune`): for each op,
+direction, shape, density bucket, dtype, device and thread count it times the candidates
+once — the torch reference on the cached masked weight (oneDNN / BLAS / cuBLAS / cuDNN),
+``cpp-sparse`` on CPU, ``cuda`` and ``triton`` on CUDA — and keeps the winner in memory and
+in a per-machine file. The rule: never anything slower than the torch reference, and a
+kernel never measured on a device is never preferred there over cuBLAS/cuDNN.
+
+``SPARSE_ADV_FAST_AUTOTUNE=0`` switches measuring off: the static rule then runs, ``cpp``
+(dense BLAS above fixed density thresholds, CSR kernels below) for CPU tensors and the
+torch reference for CUDA tensors. The static rule also covers calls that must not be timed
+(under torch.compile tracing, fake tensors, CUDA graph capture, empty batches) until a
+measurement exists. (``triton`` runs CPU tensors under ``TRITON_INTERPRET=1``, only when
+forced.)
+
 ``SPARSE_ADV_FAST_BACKEND`` or :func:`use` forces one backend: a forced backend that
 cannot run raises :class:`BackendUnavailable` with the reason. In ``auto`` mode a backend
 that fails to load is skipped with a single log line.
@@ -14,11 +26,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import torch
+from torch import Tensor
 
+from . import _autotune
 from . import cpp as _cpp
 from . import cuda as _cuda
 from . import triton as _triton
@@ -29,6 +43,10 @@ _log = logging.getLogger("sparse_adv_fast")
 _forced: str | None = None
 _warned: set[tuple[str, str]] = set()
 _resolved: dict[tuple[str, str, str, bool], tuple[str, Any]] = {}
+_chosen: dict[_autotune.Key, str] = {}  # auto's decisions in this process
+_candidates_memo: dict[tuple[str, str], dict[str, Any]] = {}
+_autos: dict[tuple[str, str, int], _Auto] = {}
+_disk: dict[str, Any] = {"path": None, "records": {}}
 
 
 class BackendUnavailable(RuntimeError):
@@ -98,11 +116,12 @@ def _module(name: str):
 
 
 def resolve(op: str, device: torch.device) -> tuple[str, Any]:
-    """Pick the backend for ``op`` on ``device``.
+    """The forced backend for ``op`` on ``device``, or in ``auto`` mode the static rule.
 
     Returns ``(name, impl)`` where ``impl`` is a namespace with the op's backend functions
     (names fixed by ``sparse_adv_fast/ops/<op>.py``), or ``("torch", None)``. The choice
-    is remembered per (op, device type, forced backend): ops call this on every launch.
+    is remembered per (op, device type, forced backend). Ops dispatch through :func:`impl`,
+    which in ``auto`` mode measures per call signature instead.
     """
     forced = current()
     key = (op, device.type, forced, _triton.interpreting())
@@ -113,9 +132,29 @@ def resolve(op: str, device: torch.device) -> tuple[str, Any]:
 
 
 def reset() -> None:
-    """Forget remembered choices and logged fallbacks (after installing a compiler, say)."""
+    """Forget remembered choices, measurements held in memory and logged fallbacks (after
+    installing a compiler, say). The dispatch cache file is kept: see :func:`clear_cache`."""
     _resolved.clear()
     _warned.clear()
+    _chosen.clear()
+    _candidates_memo.clear()
+    _autos.clear()
+    _disk["path"] = None
+    _disk["records"] = {}
+
+
+def clear_cache() -> None:
+    """Delete this machine's dispatch cache file and forget every measurement."""
+    reset()
+    with contextlib.suppress(FileNotFoundError):
+        _autotune.cache_path().unlink()
+
+
+def _log_skip(name: str, op: str, why: str) -> None:
+    key = (name, op)
+    if key not in _warned:
+        _warned.add(key)
+        _log.info("sparse_adv_fast: %s backend skipped for %s (%s)", name, op, why)
 
 
 def _resolve(op: str, device: torch.device, forced: str) -> tuple[str, Any]:
@@ -129,22 +168,183 @@ def _resolve(op: str, device: torch.device, forced: str) -> tuple[str, Any]:
             except Exception as e:  # build or import failure
                 why = f"{type(e).__name__}: {e}"
         raise BackendUnavailable(f"backend {forced!r} cannot run {op} on {device}: {why}")
-    order = ("cuda", "triton") if device.type == "cuda" else ("cpp",)
-    for name in order:
-        why = _reason(name, device)
-        if why is None:
-            try:
-                return name, _module(name).loader(op)
-            except Exception as e:
-                why = f"{type(e).__name__}: {e}"
-        if name != "cuda" or device.type == "cuda":
-            key = (name, op)
-            if key not in _warned:
-                _warned.add(key)
-                _log.info("sparse_adv_fast: %s backend skipped for %s (%s)", name, op, why)
+    # Static rule: on CUDA nothing unmeasured beats cuBLAS/cuDNN, so the torch reference.
+    if device.type != "cpu":
+        return "torch", None
+    why = _reason("cpp", device)
+    if why is None:
+        try:
+            return "cpp", _cpp.loader(op)
+        except Exception as e:
+            why = f"{type(e).__name__}: {e}"
+    _log_skip("cpp", op, why)
     return "torch", None
 
 
+# ---- auto: dispatch by measurement ----------------------------------------------------------
+class Call(NamedTuple):
+    """What an op tells ``auto`` about one call of a contract function."""
+
+    shape: tuple  # batch first (it is bucketed); ints, or labelled strings for settings
+    dtype: torch.dtype
+    mask: Tensor | None = None  # its density bucket is part of the key
+    weight: Tensor | None = None  # whether it is frozen (an attack's scope) is too
+    # Maker of timing arguments where the call writes into an input (pgd_step_'s out), so
+    # the timed runs leave no trace; made only when a measurement runs.
+    scratch: Callable[[], tuple] | None = None
+
+
+Describe = Callable[[str, tuple], Call]
+
+
+def _candidates(op: str, device: torch.device) -> dict[str, Any]:
+    """Non-reference implementations ``auto`` may time for ``op`` on ``device``."""
+    memo_key = (op, device.type)
+    out = _candidates_memo.get(memo_key)
+    if out is not None:
+        return out
+    out = {}
+    names = ("cpp",) if device.type == "cpu" else ("cuda", "triton")
+    for name in names:
+        why = _reason(name, device)
+        if why is None:
+            try:
+                out.update(_cpp.variants(op) if name == "cpp" else {name: _module(name).loader(op)})
+                continue
+            except Exception as e:  # build or import failure: one log line, then torch
+                why = f"{type(e).__name__}: {e}"
+        _log_skip(name, op, why)
+    _candidates_memo[memo_key] = out
+    return out
+
+
+def _density(mask: Tensor) -> float:
+    from ._cpp_ops import density  # cached per mask version; lazy: _cpp_ops imports ops
+
+    return density(mask)
+
+
+def _scope(w: Tensor | None) -> str:
+    """``frozen`` inside an attack's :func:`~sparse_adv_fast.ops._cache.frozen` scope, where
+    derived forms (masked weight, CSR) are built once and reused, so only kernel time counts;
+    ``eager`` elsewhere, where a forward rebuilds them and their cost is part of the choice;
+    ``-`` for calls that read no weight."""
+    if w is None:
+        return "-"
+    from ..ops import _cache
+
+    return "frozen" if id(w) in _cache._frozen else "eager"
+
+
+def _records() -> dict[str, Any]:
+    """The cache file's records, read once per path."""
+    path = _autotune.cache_path()
+    if _disk["path"] != path:
+        _disk["path"], _disk["records"] = path, _autotune.read(path)
+    return _disk["records"]
+
+
+class _Auto:
+    """``auto``'s namespace for one op on one device: each contract function (``forward``,
+    ``grad_input``, ...) looks up, or measures, the implementation for its call signature."""
+
+    def __init__(self, op: str, device: torch.device, reference: Any, describe: Describe) -> None:
+        self.op, self.device, self.reference, self.describe = op, device, reference, describe
+
+    def __getattr__(self, direction: str) -> Callable[..., Any]:
+        if direction.startswith("_") or not hasattr(self.reference, direction):
+            raise AttributeError(direction)
+
+        def call(*args: Any) -> Any:
+            return self.pick(direction, args)(*args)
+
+        call.__name__ = direction
+        self.__dict__[direction] = call  # later lookups skip __getattr__
+        return call
+
+    def _fn(self, name: str, direction: str) -> Callable[..., Any] | None:
+        if name == _autotune.REFERENCE:
+            return getattr(self.reference, direction)
+        impl = _candidates(self.op, self.device).get(name)
+        return None if impl is None else getattr(impl, direction, None)
+
+    def _static(self, direction: str) -> Callable[..., Any]:
+        _, impl = resolve(self.op, self.device)  # auto mode: the static rule
+        return getattr(impl if impl is not None else self.reference, direction)
+
+    def pick(self, direction: str, args: tuple) -> Callable[..., Any]:
+        """The implementation of ``direction`` for a call with ``args``."""
+        if not _autotune.enabled():
+            return self._static(direction)
+        call = self.describe(direction, args)
+        if call.shape and call.shape[0] == 0:  # nothing to time, and every kernel's edge case
+            return getattr(self.reference, direction)
+        mask = call.mask
+        density = None if mask is None or mask.numel() == 0 else _density(mask)
+        key = _autotune.make_key(self.op, direction, call.shape, density, call.dtype,
+                                 self.device, _scope(call.weight))
+        name = _chosen.get(key)
+        if name is None:
+            name = self._decide(key, direction, args, call.scratch)
+            if name is None:
+                return self._static(direction)
+        fn = self._fn(name, direction)
+        return fn if fn is not None else getattr(self.reference, direction)
+
+    def _decide(self, key: _autotune.Key, direction: str, args: tuple,
+                scratch: Callable[[], tuple] | None) -> str | None:
+        text = key.text()
+        rec = _records().get(text)
+        if rec is not None and self._fn(rec["choice"], direction) is not None:
+            _chosen[key] = rec["choice"]
+            return rec["choice"]
+        if not _autotune.can_measure(args):
+            return None  # the static rule, until an eager call measures
+        if scratch is not None:
+            args = scratch()
+        fns = {_autotune.REFERENCE: getattr(self.reference, direction)}
+        for name, impl in _candidates(self.op, self.device).items():
+            fn = getattr(impl, direction, None)
+            if fn is not None:
+                fns[name] = fn
+        choice = _autotune.measure(key, {n: _bind(f, args) for n, f in fns.items()})
+        _chosen[key] = choice.name
+        rec = _autotune.record(key, choice)
+        _records()[text] = rec
+        _autotune.write({text: rec}, _disk["path"])
+        _log.info("sparse_adv_fast: %s %s", text, _autotune.explain(rec))
+        return choice.name
+
+
+def _bind(fn: Callable[..., Any], args: tuple) -> Callable[[], Any]:
+    return lambda: fn(*args)
+
+
+def impl(op: str, device: torch.device, reference: Any, describe: Describe) -> Any:
+    """The namespace of ``op``'s contract functions to run on ``device``.
+
+    A forced backend's namespace (or ``reference`` for ``torch``); in ``auto`` mode one
+    whose functions pick by measurement per call, ``describe`` telling them the call's
+    shape, mask, dtype and side-effect-free timing arguments.
+    """
+    if current() != "auto":
+        _, ns = resolve(op, device)
+        return ns if ns is not None else reference
+    key = (op, device.type, -1 if device.index is None else device.index)
+    hit = _autos.get(key)
+    if hit is None or hit.reference is not reference:
+        hit = _autos[key] = _Auto(op, device, reference, describe)
+    return hit
+
+
+def choices() -> dict[str, dict]:
+    """Every measured choice known here (the cache file and this process), by key text."""
+    out = dict(_autotune.read())
+    out.update(_records())
+    return out
+
+
 __all__ = [
-    "NAMES", "BackendUnavailable", "available", "current", "reset", "resolve", "use", "using",
+    "NAMES", "BackendUnavailable", "Call", "available", "choices", "clear_cache", "current", "impl",
+    "reset", "resolve", "use", "using",
 ]

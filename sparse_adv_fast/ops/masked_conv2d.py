@@ -65,9 +65,26 @@ class _Ref:
 _REF = _Ref()
 
 
+def _describe(direction: str, args: tuple) -> backends.Call:
+    """What ``auto`` keys a call on: the input's (N, C, H, W), the weight shape, the conv
+    settings, mask, weight (``grad_weight`` reads none) and dtype. The functions are pure,
+    so timing reuses args."""
+    if direction == "forward":  # forward(x, w, mask, b, conv)
+        x, w, mask, conv = args[0], args[1], args[2], args[4]
+    elif direction == "grad_input":  # grad_input(gy, x, w, mask, conv)
+        x, w, mask, conv = args[1], args[2], args[3], args[4]
+    else:  # grad_weight(gy, x, mask, conv)
+        x, w, mask, conv = args[1], None, args[2], args[3]
+    stride, padding, dilation, groups = conv
+    shape = (*x.shape, "w" + "x".join(map(str, mask.shape)), f"s{stride[0]},{stride[1]}",
+             f"p{padding[0]},{padding[1]}", f"d{dilation[0]},{dilation[1]}", f"g{groups}")
+    return backends.Call(shape, x.dtype, mask, w)
+
+
 def _impl(device: torch.device):
-    _, impl = backends.resolve(OP, device)
-    return impl if impl is not None else _REF
+    """The backend namespace for ``device``; in ``auto`` mode its functions pick per call
+    by (direction, shape, density bucket, dtype) through the registry."""
+    return backends.impl(OP, device, _REF, _describe)
 
 
 def _out_hw(size: int, k: int, s: int, p: int, d: int) -> int:

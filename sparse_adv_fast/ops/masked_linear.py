@@ -44,11 +44,6 @@ def reference(x: Tensor, w: Tensor, mask: Tensor, b: Tensor | None = None) -> Te
 
 
 # ---- dispatch -------------------------------------------------------------------------
-def _impl(device: torch.device):
-    _, impl = backends.resolve(OP, device)
-    return impl if impl is not None else _REF
-
-
 class _Ref:
     forward = staticmethod(forward)
     grad_input = staticmethod(grad_input)
@@ -56,6 +51,25 @@ class _Ref:
 
 
 _REF = _Ref()
+
+
+def _describe(direction: str, args: tuple) -> backends.Call:
+    """What ``auto`` keys a call on: (rows, in, out), mask, weight (``grad_weight`` reads
+    none) and dtype.
+
+    Every direction's first argument is the 2-D activation (``x2d`` or ``gy2d``) whose rows
+    are the batch; the mask gives (out, in). The functions are pure, so timing reuses args.
+    """
+    mask = args[2]
+    w = None if direction == "grad_weight" else args[1]
+    return backends.Call((args[0].shape[0], mask.shape[1], mask.shape[0]), args[0].dtype,
+                         mask, w)
+
+
+def _impl(device: torch.device):
+    """The backend namespace for ``device``; in ``auto`` mode its functions pick per call
+    by (direction, shape, density bucket, dtype) through the registry."""
+    return backends.impl(OP, device, _REF, _describe)
 
 
 def _flat(t: Tensor) -> Tensor:

@@ -73,9 +73,24 @@ class _Ref:
 _REF = _Ref()
 
 
+def _describe(direction: str, args: tuple) -> backends.Call:
+    """What ``auto`` keys a call on: (batch, per-sample size, norm) and the dtype.
+
+    ``step`` may write into ``x_adv`` itself (``out``): its timing runs get a scratch output
+    so that measuring never applies the step more than once.
+    """
+    x = args[0]
+    norm = args[5] if direction == "step" else args[3]
+    shape = (x.shape[0], math.prod(x.shape[1:]), str(norm))
+    if direction != "step":
+        return backends.Call(shape, x.dtype)
+    return backends.Call(shape, x.dtype, scratch=lambda: (*args[:-1], torch.empty_like(args[-1])))
+
+
 def _impl(device: torch.device):
-    _, impl = backends.resolve(OP, device)
-    return impl if impl is not None else _REF
+    """The backend namespace for ``device``; in ``auto`` mode its functions pick per call
+    by (direction, shape, dtype) through the registry."""
+    return backends.impl(OP, device, _REF, _describe)
 
 
 # ---- checks -----------------------------------------------------------------------------
