@@ -208,7 +208,7 @@ def test_a_checkpoint_of_the_older_format_is_refused_with_advice(tmp_path):
 def _train(loaders, **kw):
     model, _ = _tiny()
     torch.manual_seed(0)
-    fit(model, loaders, "natural", **{**KW, "max_batches": 3, "val_batches": 1, **kw})
+    fit(model, loaders[0], "natural", **{**KW, "max_batches": 3, **kw})  # no validation
     return model.state_dict()
 
 
@@ -231,3 +231,13 @@ def test_data_order_is_drawn_from_the_seed_argument():
     c = _train(_digits(train_subset=None, seed=0), seed=8)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_seed_without_a_loader_generator_is_an_error_not_ignored():
+    from torch.utils.data import DataLoader
+
+    train = _digits()[0]
+    plain = DataLoader(train.dataset, batch_size=16, shuffle=True)  # global-RNG shuffle
+    model, _ = _tiny()
+    with pytest.raises(ValueError, match="seed=3 sets the data order.*no torch.Generator"):
+        fit(model, plain, seed=3, **KW)

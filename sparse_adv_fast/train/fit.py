@@ -111,6 +111,12 @@ def _data_seed(seed: int | None, gens: list[torch.Generator]) -> int | None:
     """The seed of the per-epoch shuffles: ``seed``, else the loader generator's own seed
     (``data.loaders(seed=s)`` seeds it with ``s``); ``None`` when fit controls no sampler."""
     if not gens:
+        if seed is not None:  # it would be silently ignored
+            raise ValueError(
+                f"fit: seed={seed} sets the data order, but the train loader has no "
+                "torch.Generator of its own to shuffle with (build it with "
+                "DataLoader(..., generator=torch.Generator()) or data.loaders)"
+            )
         return None
     return seed if seed is not None else int(gens[0].initial_seed())
 
