@@ -360,6 +360,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"{prog}: error: {_one_line(e)} (--debug for the traceback)", file=sys.stderr)
         return 1
+    except Exception as e:  # a bug: still one line, with the type to report it by
+        if args.debug:
+            raise
+        print(f"{prog}: internal error: {type(e).__name__}: {_one_line(e)} (--debug for the "
+              "traceback; please report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
