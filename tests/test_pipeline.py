@@ -415,3 +415,17 @@ def test_killed_command_resumes_to_the_uninterrupted_weights(tmp_path, monkeypat
     assert "resuming the interrupted run" in capsys.readouterr().err
     assert _same_weights(killed, straight)
     assert not run_dir(killed).exists()
+
+
+def test_fresh_discards_an_interrupted_run_and_starts_over(tmp_path, monkeypatch, capsys):
+    from sparse_adv_fast.pipeline.commands import run_dir
+
+    out = tmp_path / "m.pt"
+    argv = ["train", "--method", "natural", *TINY, "--out", str(out)]
+    with monkeypatch.context() as m:
+        _interrupt_fit(m, "train", after_epoch=1)
+        assert cli.main(argv) == 130
+    assert cli.main([*argv, "--fresh", "--lr", "0.01"]) == 0
+    err = capsys.readouterr().err
+    assert "resuming" not in err and not run_dir(out).exists()
+    assert modelio.load_model(out)[1]["meta"]["history"]["resumed_from_epoch"] is None
