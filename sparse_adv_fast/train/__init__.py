@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..checkpoint import CheckpointError
+from ..finite import NonFiniteError
 from .fit import fit
 from .history import History
 from .methods import METHODS
@@ -22,4 +23,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["METHODS", "CheckpointError", "History", "OverfitDetector", "evaluate", "fit"]
+__all__ = ["METHODS", "CheckpointError", "History", "NonFiniteError", "OverfitDetector",
+           "evaluate", "fit"]
