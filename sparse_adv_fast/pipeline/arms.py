@@ -223,7 +223,7 @@ def arm_phases(arm: str, *, B: int, L: int, R: int, spe: int, start_epochs: int,
                iwi_ticket_source: str = "imp", iwi_widen_source: str = "dense_at"
                ) -> list[Phase]:
     """The planned phases of ``arm``, the shared dense start first (``steps`` per phase)."""
-    wide = ARMS[arm].wide
+    wide = arm == "large_scratch"  # the only arm trained at width w from its start on
     start = [_ph("dense start (shared)", "at", start_epochs, spe, wide=wide)]
     if arm in ("dense_at", "large_scratch"):
         return start + [_ph("AT", "at", B, spe, wide=wide)]
