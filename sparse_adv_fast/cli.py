@@ -29,10 +29,6 @@ DATASETS = ("digits", "mnist", "cifar10")
 MODELS = ("small_cnn", "mlp", "vgg16", "resnet18")
 
 
-class UsageError(ValueError):
-    """A bad command-line argument found after parsing (exit status 2)."""
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # One line, no usage dump: the message and where to look.
@@ -326,8 +322,7 @@ def _info(a: argparse.Namespace) -> int:
 
 
 # Exit status 2: what the user gave is wrong (checked first: FileNotFoundError is an OSError).
-_INPUT_ERRORS = (UsageError, ValueError, FileNotFoundError, IsADirectoryError,
-                 NotADirectoryError)
+_INPUT_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError)
 # Exit status 1: running failed (CheckpointError, StageError, TrainingDiverged and
 # RunLockedError are RuntimeErrors; a failed write is an OSError).
 _RUNTIME_ERRORS = (RuntimeError, OSError, TypeError, ArithmeticError)
