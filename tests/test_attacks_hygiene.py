@@ -231,3 +231,37 @@ def test_custom_clip_range_is_respected():
     assert float(out.min()) >= -1 and float(out.max()) <= 1
     with pytest.raises(ValueError, match="data range"):
         pgd(model, x, Y, eps=0.5, alpha=0.2, steps=3)
+
+
+def test_attacks_under_inference_mode_say_they_need_autograd():
+    model = bn_model().train()
+    x, y = torch.rand(4, 1, 4, 4), torch.randint(0, 4, (4,))
+    for fn in (lambda: pgd(model, x, y, eps=0.1, alpha=0.03, steps=2),
+               lambda: fgsm(model, x, y, eps=0.1),
+               lambda: apgd(model, x, y, eps=0.1, steps=2),
+               lambda: PGD(model, eps=0.1, alpha=0.03, steps=2)(x, y),
+               lambda: evaluate(model, [(x, y)], attacks=("pgd3",), eps=0.1)):
+        with torch.inference_mode(), pytest.raises(RuntimeError, match="need autograd"):
+            fn()
+    assert model.training and all(p.requires_grad for p in model.parameters())
+    with torch.no_grad():  # no_grad is fine: the attack turns gradients back on
+        assert pgd(model, x, y, eps=0.1, alpha=0.03, steps=2).shape == x.shape
+
+
+def test_attack_reuses_masked_forms_across_its_forwards():
+    """Inside an attack the weights are frozen for the op cache: the masked weight is built
+    once per attack, not once per forward (the scope is ops._cache.frozen)."""
+    import sparse_adv_fast as saf
+    from sparse_adv_fast import backends
+    from sparse_adv_fast.ops import _cache
+
+    torch.manual_seed(0)
+    lin = saf.nn.MaskedLinear(12, 5)
+    lin.set_mask(torch.rand(5, 12) > 0.5)
+    plain = nn.Linear(12, 5)
+    model = nn.Sequential(nn.Flatten(), plain, nn.ReLU(), nn.Linear(5, 12), lin)
+    x, y = torch.rand(6, 12), torch.randint(0, 5, (6,))
+    with backends.using("torch"):
+        _cache.stats.reset()
+        pgd(model, x, y, eps=0.05, alpha=0.01, steps=5)
+    assert _cache.stats.hits >= 5 and _cache.stats.builds <= 2, _cache.stats

@@ -241,3 +241,56 @@ def test_fgsm_callable_and_zero_eps():
     assert torch.equal(FGSM(model, eps=0.05)(x, y), fgsm(model, x, y, eps=0.05))
     assert torch.equal(fgsm(model, x, y, eps=0.0), x)
     assert torch.equal(pgd(model, x, y, eps=0.0, alpha=0.1, steps=3), x)
+
+
+# ---- restart chunks and once-per-attack checks -------------------------------------------
+def test_chunked_restarts_equal_one_batch_of_all_rows(monkeypatch):
+    """On CPU R*B rows run in chunks of B; the result equals running them all at once."""
+    import importlib
+
+    from sparse_adv_fast.ops.restart_select import row_chunks
+
+    pgd_mod = importlib.import_module("sparse_adv_fast.attacks.pgd")
+    core = importlib.import_module("sparse_adv_fast.attacks._core")
+
+    model = mlp()
+    b, r = 20, 3
+    x, y = torch.rand(b, 12), torch.randint(0, 5, (b,))
+    assert len(row_chunks(r * b, r, x.device)) == r  # the default really chunks here
+    torch.manual_seed(5)
+    chunked = pgd(model, x, y, eps=0.05, alpha=0.02, steps=4, restarts=r)
+    for mod in (pgd_mod, core):
+        monkeypatch.setattr(mod, "row_chunks", lambda rows, restarts, dev: [slice(0, rows)])
+    torch.manual_seed(5)
+    whole = pgd(model, x, y, eps=0.05, alpha=0.02, steps=4, restarts=r)
+    assert_close(chunked, whole)
+
+
+class CountingForwards(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp()
+        self.rows: list[int] = []
+
+    def forward(self, x):
+        self.rows.append(x.shape[0])
+        return self.net(x)
+
+
+@pytest.mark.parametrize("early_stop", [False, True])
+def test_checks_add_no_forward_to_the_attack(early_stop):
+    """Label and gradient checks ride on the first step: PGD-k is k forwards, no more."""
+    model = CountingForwards()
+    x, y = torch.rand(6, 12), torch.randint(0, 5, (6,))
+    pgd(model, x, y, eps=1e-3, alpha=1e-4, steps=3, early_stop=early_stop)
+    assert model.rows[0] == 6 and len(model.rows) <= 3, model.rows
+
+
+def test_label_out_of_range_in_a_later_restart_chunk_is_caught():
+    model = CountingForwards()
+    b, r = 20, 3
+    x, y = torch.rand(b, 12), torch.randint(0, 5, (b,))
+    y[-1] = 5  # the model has 5 outputs
+    with pytest.raises(ValueError, match="label 5 is out of range for a model with 5 outputs"):
+        pgd(model, x, y, eps=0.05, alpha=0.02, steps=2, restarts=r)
+    assert len(model.rows) == 1, "the check runs on the first forward, before any step"

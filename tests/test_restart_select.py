@@ -98,3 +98,19 @@ def test_cuda_matches_loop():
     fooled = torch.rand(15) < 0.3
     got = select_restarts(cands.cuda(), losses.cuda(), 3, fooled.cuda())
     assert torch.equal(got.cpu(), _loop_select(cands, losses, 3, fooled))
+
+
+def test_row_chunks_cover_rows_in_whole_batches():
+    from sparse_adv_fast.ops.restart_select import MIN_CPU_ROWS, row_chunks
+
+    cpu = torch.device("cpu")
+    for b, r in ((1, 4), (5, 3), (16, 4), (20, 3), (64, 2), (7, 1)):
+        chunks = row_chunks(r * b, r, cpu)
+        covered = [i for s in chunks for i in range(s.start, s.stop)]
+        assert covered == list(range(r * b)), (b, r)
+        for s in chunks[:-1]:  # full chunks: whole batches of >= MIN_CPU_ROWS rows
+            size = s.stop - s.start
+            assert size % b == 0 and size >= min(MIN_CPU_ROWS, r * b), (b, r, size)
+        assert max(s.stop - s.start for s in chunks) <= max(b, MIN_CPU_ROWS + b), (b, r)
+    assert row_chunks(80, 4, torch.device("cuda")) == [slice(0, 80)]  # GPUs take all rows
+    assert row_chunks(0, 3, cpu) == []

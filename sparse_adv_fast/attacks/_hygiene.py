@@ -15,6 +15,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
+from ..ops import _cache
+
 NORMS = ("linf", "l2")
 LOSSES = ("ce", "cw", "dlr")
 # Fraction of the batch with a zero / non-finite input gradient above which we warn.
@@ -27,23 +29,38 @@ class GradientMaskingWarning(UserWarning):
     probably blind (gradient masking / obfuscation), so its robust accuracy is suspect."""
 
 
+def check_autograd(where: str = "attacks") -> None:
+    """Refuse to run under ``torch.inference_mode()``: gradient attacks need autograd, and
+    inference mode cannot be lifted from inside (``enable_grad`` does not undo it)."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f"{where}: called under torch.inference_mode(), but attacks need autograd (they "
+            "differentiate the loss with respect to the input); call it outside "
+            "inference_mode (torch.no_grad() is fine: the attack re-enables gradients)"
+        )
+
+
 @contextlib.contextmanager
 def attack_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Run ``model`` in eval mode with every parameter's ``requires_grad`` off.
 
     Per-module ``training`` flags and per-parameter ``requires_grad`` flags are restored on
     exit (also on error); parameters' ``.grad`` is never touched. Nesting is safe. Grad
-    mode is enabled inside, so attacks work when called under ``torch.no_grad()``.
+    mode is enabled inside, so attacks work when called under ``torch.no_grad()``; under
+    ``torch.inference_mode()`` they raise (:func:`check_autograd`). The weights are frozen
+    for the op cache too (:func:`sparse_adv_fast.ops._cache.frozen`): the masked weight /
+    CSR of each layer is built once per attack and reused by all its forwards.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"attacks need a torch.nn.Module model, got {type(model).__name__}")
+    check_autograd()
     modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
         model.eval()
         for p, _ in flags:
             p.requires_grad_(False)
-        with torch.enable_grad():
+        with torch.enable_grad(), _cache.frozen(p for p, _ in flags):
             yield model
     finally:
         for m, training in modes:
@@ -100,9 +117,11 @@ def check_batch(where: str, x: Tensor, y: Tensor, lo: float, hi: float) -> None:
         raise ValueError(f"{where}: x and y batch sizes differ ({x.shape[0]} vs {y.shape[0]})")
     if x.shape[0] == 0:
         raise ValueError(f"{where}: empty batch")
-    if not bool(torch.isfinite(x).all()):
+    # One fused pass over x for both checks: NaN propagates into min/max, inf shows there.
+    xmin_t, xmax_t = torch.aminmax(x.detach())
+    xmin, xmax = float(xmin_t), float(xmax_t)
+    if not (math.isfinite(xmin) and math.isfinite(xmax)):
         raise ValueError(f"{where}: x contains NaN or infinite values")
-    xmin, xmax = float(x.min()), float(x.max())
     if xmin < lo or xmax > hi:
         raise ValueError(
             f"{where}: inputs must lie in the data range [{lo:g}, {hi:g}], found "
