@@ -4,6 +4,7 @@ validation, resumable and partial runs equal to a straight run, IWI dead zeros, 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -15,10 +16,11 @@ from sparse_adv_fast.pipeline import stats, study, study_tasks
 from sparse_adv_fast.pipeline.stages import StageError
 from sparse_adv_fast.pipeline.study_config import StudyConfig
 
-# 240 training samples in batches of 64: 4 steps per epoch; k = 1 epoch, B = 2 epochs.
+# 240 training samples in batches of 64: 4 steps per epoch; k = 1 epoch, B = 4 epochs
+# (one IMP round of L = 2 epochs, then 2 epochs of training the rewound ticket).
 TINY: dict[str, Any] = dict(
     seeds=(0,), arms=("dense_at", "imp", "random", "iwi_ticket"), start_epochs=1,
-    budget_epochs=2, imp_rounds=1, train_steps=2, train_subset=300, batch_size=64,
+    budget_epochs=4, imp_rounds=1, train_steps=2, train_subset=300, batch_size=64,
     val_size=60, test_subset=60, lr_grid={"at": (0.05, 0.1), "finetune": (0.05,)},
     val_attacks=("pgd3",), eval_attacks=("pgd3",), workers=1,
 )
@@ -46,10 +48,25 @@ def test_every_arm_took_the_same_steps(tiny) -> None:
         # Counted from fit's own iteration counters, phase by phase, start included.
         assert row["steps"] == want, (arm, row["ledger"])
         assert sum(p["steps"] for p in row["ledger"]) == want
-        assert row["ledger"][0] == {"phase": "start-w1: train", "steps": STEPS_PER_EPOCH}
+        assert row["ledger"][0] == {"phase": "start-w1: train", "steps": STEPS_PER_EPOCH,
+                                    "lrs": [0.1]}
         assert res["arms"][arm]["planned_steps"] == want
-    imp = [p["phase"] for p in res["arms"]["imp"]["seeds"]["0"]["ledger"]]
-    assert imp == ["start-w1: train", "rounds-at: round1", "imp: final"]
+    imp = [(p["phase"], p["steps"]) for p in res["arms"]["imp"]["seeds"]["0"]["ledger"]]
+    assert imp == [("start-w1: train", 4), ("rounds-at: round1", 8), ("imp: final", 8)]
+
+
+def test_rewinding_restarts_the_schedule_at_k(tiny) -> None:
+    # Frankle et al. 2020: the rewound ticket trains with the schedule from iteration k on
+    # (what the round trained with), not from 0 (the start's constant rate).
+    _, res = tiny
+    lr = res["arms"]["imp"]["lr"]
+    cosine = [lr, lr * (1 + math.cos(math.pi / 2)) / 2]  # per epoch, over L = 2 epochs
+    start, round1, final = (p["lrs"] for p in res["arms"]["imp"]["seeds"]["0"]["ledger"])
+    assert start == [0.1]  # the default start_lr, constant
+    assert round1 == pytest.approx(cosine) and final == pytest.approx(cosine)
+    dense = res["arms"]["dense_at"]["seeds"]["0"]["ledger"][1]["lrs"]
+    d = res["arms"]["dense_at"]["lr"]
+    assert dense == pytest.approx([d * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)])
 
 
 def test_sparsity_of_the_pruned_arms(tiny) -> None:

@@ -361,7 +361,8 @@ def aggregate(cfg: StudyConfig, plan: dict[str, Any], summaries: Mapping[str, di
                 "clean": t["clean"], "worst_case": t["worst_case"], "robust": t["robust"],
                 "n": t["n"], "sparsity": s["sparsity"], "params": s["params"], "lr": s["lr"],
                 "val_worst_case": s["val"][METRIC], "steps": s["steps"],
-                "ledger": [{k: p[k] for k in ("phase", "steps")} for p in s["ledger"]],
+                "ledger": [{k: p[k] for k in ("phase", "steps", "lrs") if k in p}
+                           for p in s["ledger"]],
                 **({"iwi": s["iwi"]} if "iwi" in s else {}),
             }
         per_seed[arm] = {int(k): v[METRIC] for k, v in seeds.items()}

@@ -135,6 +135,7 @@ def _train(ctx: Ctx, model: nn.Module, *, seed: int, owner: str, phase: str, epo
     )
     ledger.append({"phase": f"{owner}: {phase}", "steps": int(hist.iterations),
                    "epochs": epochs, "lr": lr, "method": method,
+                   "lrs": [float(e["lr"]) for e in hist.epochs],
                    "val_pgd_acc": [e["val_pgd_acc"] for e in hist.epochs]})
 
 
