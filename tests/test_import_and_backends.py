@@ -66,7 +66,10 @@ def test_forced_backend_that_cannot_run_raises_with_reason():
         saf.ops.masked_linear(x, w, m)
 
 
-def test_auto_falls_back_to_torch_with_one_log_line(monkeypatch, caplog):
+def test_auto_falls_back_to_torch_with_one_log_line(monkeypatch, caplog, tmp_path):
+    # a private dispatch cache: a recorded choice would not even try to load cpp
+    monkeypatch.setenv("SPARSE_ADV_FAST_DISPATCH_CACHE", str(tmp_path / "dispatch.json"))
+
     def broken(op):
         raise RuntimeError("compiler exploded")
 
@@ -110,3 +113,43 @@ def test_build_errors_are_trimmed_and_stale_locks_removed(tmp_path):
     os.utime(lock, (old, old))
     _build._clear_stale_lock(tmp_path)
     assert not lock.exists()
+
+
+def test_triton_required_only_where_wheels_exist():
+    """The pyproject marker admits exactly the platforms the backend lists as having wheels."""
+    import re
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    (line,) = re.findall(r'^\s*"(triton[>=<~!][^"]*)",', text, flags=re.M)  # tomllib needs 3.11
+    req = Requirement(line)
+    for system, machine in [("Linux", "x86_64"), ("Linux", "aarch64"), ("Linux", "ppc64le"),
+                            ("Windows", "AMD64"), ("Darwin", "arm64"), ("Darwin", "x86_64")]:
+        env = {"platform_system": system, "platform_machine": machine}
+        want = (system, machine) in backends._triton.WHEEL_PLATFORMS
+        assert req.marker.evaluate(env) is want, (system, machine)
+
+
+@pytest.mark.parametrize(("system", "machine", "says"), [
+    ("Windows", "AMD64", "no wheels for Windows AMD64"),
+    ("Darwin", "arm64", "no wheels for Darwin arm64"),
+    ("Linux", "x86_64", "pip install 'triton>=3.6'"),
+])
+def test_triton_backend_says_why_it_is_missing(monkeypatch, system, machine, says):
+    tri = backends._triton
+    monkeypatch.setattr(tri.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "triton" else object())
+    monkeypatch.setattr(tri.platform, "system", lambda: system)
+    monkeypatch.setattr(tri.platform, "machine", lambda: machine)
+    why = tri.unavailable_reason(need_gpu=False)
+    assert says in why and "not installed" in why
+    assert backends._reason("triton", torch.device("cuda")) == why
+
+
+def test_triton_too_old_is_reported(monkeypatch):
+    tri = backends._triton
+    monkeypatch.setattr(tri.importlib.util, "find_spec", lambda name, *a: object())
+    monkeypatch.setattr(tri.importlib.metadata, "version", lambda name: "3.1.0")
+    assert "triton 3.1.0 is too old" in tri.unavailable_reason(need_gpu=False)

@@ -1,11 +1,23 @@
-"""The ``triton`` backend: kernels in ``sparse_adv_fast.kernels`` (imported lazily)."""
+"""The ``triton`` backend: kernels in ``sparse_adv_fast.kernels`` (imported lazily).
+
+triton is a dependency only where wheels exist (Linux x86_64 / aarch64, the environment
+marker in ``pyproject.toml``); elsewhere :func:`unavailable_reason` says so, and the package
+installs and runs on the torch and cpp backends.
+"""
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 import os
+import platform
 from types import ModuleType
+
+MIN_VERSION = (3, 6)
+# (platform.system(), platform.machine()) pairs with triton wheels on PyPI; keep in step
+# with the marker on the triton dependency in pyproject.toml.
+WHEEL_PLATFORMS = {("Linux", "x86_64"), ("Linux", "aarch64")}
 
 
 def interpreting() -> bool:
@@ -13,10 +25,34 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _version_tuple(text: str) -> tuple[int, ...]:
+    parts = []
+    for p in text.split("+")[0].split(".")[:2]:
+        digits = "".join(ch for ch in p if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def _not_installed() -> str:
+    system, machine = platform.system(), platform.machine()
+    if (system, machine) not in WHEEL_PLATFORMS:
+        return (f"triton is not installed: it has no wheels for {system} {machine} (only Linux "
+                "x86_64/aarch64), so sparse-adv-fast does not require it here; the torch and "
+                "cpp backends run instead")
+    return f"triton is not installed (pip install 'triton>={MIN_VERSION[0]}.{MIN_VERSION[1]}')"
+
+
 def unavailable_reason(need_gpu: bool = True) -> str | None:
-    """Why triton cannot run here, or None."""
+    """Why triton cannot run here, or None (never imports triton)."""
     if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
+        return _not_installed()
+    try:
+        version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:  # importable but unpackaged: trust it
+        version = None
+    if version is not None and _version_tuple(version) < MIN_VERSION:
+        return (f"triton {version} is too old: the kernels need triton >= "
+                f"{MIN_VERSION[0]}.{MIN_VERSION[1]}")
     if need_gpu and not interpreting():
         import torch
 
