@@ -12,9 +12,11 @@ from typing import Any
 from torch import Tensor, nn
 
 from . import _hygiene as H
-from .apgd import apgd
+from .apgd import apgd, apgd_t
+from .fab import fab
 from .fgsm import fgsm
 from .pgd import pgd
+from .square import square
 
 
 class _Attack:
@@ -87,7 +89,54 @@ class APGD(_Attack):
 
     def _validate(self, cfg: dict[str, Any]) -> None:
         _common(self._name, cfg,
-                {"eps", "norm", "steps", "loss", "restarts", "targeted", "clip", "rho"}, {"eps"})
+                {"eps", "norm", "steps", "loss", "restarts", "targeted", "clip", "rho",
+                 "eot_iter"}, {"eps"})
         H.check_config(self._name, eps=cfg["eps"], norm=cfg.get("norm", "linf"),
                        loss=cfg.get("loss", "ce"), steps=cfg.get("steps", 100),
                        restarts=cfg.get("restarts", 1), clip=cfg.get("clip", (0.0, 1.0)))
+
+
+class APGDT(_Attack):
+    """Callable form of :func:`sparse_adv_fast.attacks.apgd_t`."""
+
+    _fn = staticmethod(apgd_t)
+    _name = "APGDT"
+
+    def _validate(self, cfg: dict[str, Any]) -> None:
+        _common(self._name, cfg,
+                {"eps", "norm", "steps", "n_target_classes", "restarts", "clip", "rho",
+                 "eot_iter", "targets_at_once"}, {"eps"})
+        H.check_config(self._name, eps=cfg["eps"], norm=cfg.get("norm", "linf"),
+                       steps=cfg.get("steps", 100), restarts=cfg.get("restarts", 1),
+                       clip=cfg.get("clip", (0.0, 1.0)))
+
+
+class FAB(_Attack):
+    """Callable form of :func:`sparse_adv_fast.attacks.fab` (FAB-T)."""
+
+    _fn = staticmethod(fab)
+    _name = "FAB"
+
+    def _validate(self, cfg: dict[str, Any]) -> None:
+        _common(self._name, cfg,
+                {"eps", "norm", "steps", "n_target_classes", "restarts", "alpha_max", "eta",
+                 "beta", "clip", "targets_at_once"}, set())
+        eps = cfg.get("eps")
+        H.check_config(self._name, eps=0.0 if eps is None else eps,
+                       norm=cfg.get("norm", "linf"), steps=cfg.get("steps", 100),
+                       restarts=cfg.get("restarts", 1), clip=cfg.get("clip", (0.0, 1.0)))
+
+
+class Square(_Attack):
+    """Callable form of :func:`sparse_adv_fast.attacks.square`."""
+
+    _fn = staticmethod(square)
+    _name = "Square"
+
+    def _validate(self, cfg: dict[str, Any]) -> None:
+        _common(self._name, cfg,
+                {"eps", "norm", "queries", "p_init", "restarts", "clip", "rescale_schedule",
+                 "generator"}, {"eps"})
+        H.check_config(self._name, eps=cfg["eps"], norm=cfg.get("norm", "linf"),
+                       steps=cfg.get("queries", 5000), restarts=cfg.get("restarts", 1),
+                       clip=cfg.get("clip", (0.0, 1.0)))

@@ -10,11 +10,13 @@ import torch
 from torch import Tensor, nn
 
 from . import _hygiene as H
+from .autoattack import AutoAttack, Tally, warn_if_masking
 from .callables import APGD, FGSM, PGD
 
 AttackFn = Callable[[Tensor, Tensor], Tensor]
 _PGD_NAME = re.compile(r"^pgd(\d+)(?:x(\d+))?$")
-SUITES = ("pgd20x5", "pgd10", "fgsm", "apgd", "apgd-ce", "apgd-dlr")
+SUITES = ("pgd20x5", "pgd10", "fgsm", "apgd", "apgd-ce", "apgd-dlr", "autoattack",
+          "autoattack-rand")
 
 
 def suite(name: str, model: nn.Module, *, eps: float, norm: str = "linf") -> dict[str, AttackFn]:
@@ -22,8 +24,14 @@ def suite(name: str, model: nn.Module, *, eps: float, norm: str = "linf") -> dic
 
     ``"pgd<k>"`` / ``"pgd<k>x<r>"``: PGD-k with r restarts, step ``eps/4``, random start
     (``"pgd20x5"`` and ``"pgd10"`` are the standard ones); ``"fgsm"``; ``"apgd"``:
-    APGD-CE and APGD-DLR (100 steps), reported as ``"apgd-ce"`` and ``"apgd-dlr"``.
+    APGD-CE and APGD-DLR (100 steps), reported as ``"apgd-ce"`` and ``"apgd-dlr"``;
+    ``"autoattack"``: the standard AutoAttack cascade (APGD-CE, APGD-T, FAB-T, Square);
+    ``"autoattack-rand"``: APGD-CE and APGD-DLR with 20 EOT iterations, for randomised
+    models (:class:`sparse_adv_fast.attacks.autoattack.AutoAttack`).
     """
+    if name in ("autoattack", "autoattack-rand"):
+        version = "rand" if name == "autoattack-rand" else "standard"
+        return {name: AutoAttack(model, eps=eps, norm=norm, version=version)}
     m = _PGD_NAME.match(name)
     if m:
         steps, restarts = int(m.group(1)), int(m.group(2) or 1)
@@ -82,6 +90,14 @@ def evaluate(
     that attack's output; ``worst_case`` counts the samples robust to every attack (the
     per-sample AND). Only clean-correct samples are attacked. The model is evaluated in
     eval mode with frozen parameters (restored afterwards).
+
+    ``attacks=("autoattack",)`` (``eps`` as the threat radius) runs the AutoAttack cascade:
+    each stage only on the points every earlier stage left robust. ``robust["autoattack"]``
+    is its final robust accuracy, and ``result["autoattack"]`` holds ``robust_after``
+    (accuracy after each stage, as the reference logs it), ``broken_by`` (fraction first
+    broken by each stage) and ``gradient_masking`` (``suspected``, ``reasons``: zero input
+    gradients, Square breaking points every white-box stage missed, a randomised model),
+    with a :class:`GradientMaskingWarning` when suspected. Likewise ``"autoattack-rand"``.
     """
     H.check_config("evaluate", eps=eps, norm=norm)
     if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 0):
@@ -94,6 +110,8 @@ def evaluate(
 
     n, clean, worst = 0, 0, 0
     robust = dict.fromkeys(atks, 0)
+    tallies = {k: Tally(robust_after=dict.fromkeys(a.stages, 0))
+               for k, a in atks.items() if isinstance(a, AutoAttack)}
     it = iter(loader)
     if progress:
         from tqdm.auto import tqdm
@@ -109,6 +127,11 @@ def evaluate(
             all_ok = ok.clone()
             idx = ok.nonzero().squeeze(1)
             for name, atk in atks.items():
+                if isinstance(atk, AutoAttack):  # a cascade: it attacks its own survivors
+                    _, still = atk.run(x, y, tallies[name])
+                    robust[name] += int(still.sum())
+                    all_ok &= still
+                    continue
                 still = torch.zeros_like(ok)
                 if idx.numel() > 0:
                     x_adv = atk(x[idx], y[idx])
@@ -121,9 +144,13 @@ def evaluate(
             worst += int(all_ok.sum())
     if n == 0:
         raise ValueError("evaluate: the loader yielded no batches")
-    return {
+    out: dict[str, Any] = {
         "clean": clean / n,
         "robust": {k: v / n for k, v in robust.items()},
         "worst_case": worst / n,
         "n": n,
     }
+    for name, tally in tallies.items():
+        out[name] = tally.report(atks[name].version)
+        warn_if_masking(out[name], name)
+    return out

@@ -84,8 +84,9 @@ def fab(
     A point counts as adversarial when its prediction differs from ``y``. The first
     restart starts at ``x``; further ones at a random point at distance ``eps / 2``
     (``eps`` is then required). With ``eps`` given, a sample stops as soon as it has an
-    adversarial point within ``eps`` (enough for robust accuracy, as in AutoAttack; pass
-    ``eps=None`` to minimise the norm over the whole budget). ``targets_at_once``
+    adversarial point within ``eps`` (enough for robust accuracy, as in AutoAttack), and
+    samples whose smallest adversarial point lies outside ``eps`` get ``x`` back; pass
+    ``eps=None`` to minimise the norm over the whole budget. ``targets_at_once``
     (default: all) bounds how many targets run as one batch. Runs under ``no_grad`` except
     for the one input gradient of ``f_t - f_y`` per iteration; eval mode, frozen
     parameters, both restored.
@@ -131,6 +132,8 @@ def fab(
                 gain = size < best_norm[todo]
                 best[todo[gain]] = pick[gain]
                 best_norm[todo[gain]] = size[gain]
+        if eps is not None:  # only adversarial points inside the threat ball are returned
+            best[best_norm > eps] = x[best_norm > eps]
         return best
 
 
