@@ -9,6 +9,8 @@ from typing import Any
 
 from ..checkpoint import CheckpointError
 from ..finite import NonFiniteError
+from .collapse import TrainingCollapsed
+from .config import TrainConfig
 from .fit import fit
 from .history import History
 from .methods import METHODS
@@ -24,4 +26,4 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["METHODS", "CheckpointError", "History", "NonFiniteError", "OverfitDetector",
-           "evaluate", "fit"]
+           "TrainConfig", "TrainingCollapsed", "evaluate", "fit"]

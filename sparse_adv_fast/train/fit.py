@@ -1,53 +1,45 @@
 """``fit``: natural / PGD-AT / TRADES / FGSM-RS training with validation, catastrophic-
-overfitting roll-back, lottery-ticket rewind point and exact, atomic checkpoint/resume."""
+overfitting roll-back, lottery-ticket rewind point and exact, atomic checkpoint/resume.
+
+``fit`` is a short loop over small steps, each a function of the :class:`_Run` it works on:
+:func:`_make_optimizer`, :func:`_schedule`, :func:`_train_epoch` (one :func:`_train_step`
+per batch, whose attack radius comes from :func:`_attack_config`), :func:`_validate`,
+:func:`_overfitting` and :func:`_checkpoint`. Every setting is a field of
+:class:`~sparse_adv_fast.train.config.TrainConfig`, checked before any work.
+"""
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 from .. import checkpoint as ckpt_io
 from ..checkpoint import CheckpointError
+from ..config import check_keys
 from ..finite import NonFiniteError, check_finite, first_nonfinite
+from . import collapse
 from . import resume as rs
 from . import state as rng
+from .config import CYCLIC_PEAK, NORMS, OPTIMIZERS, SCHEDULES, TrainConfig
 from .history import History
-from .methods import DEFAULT_ALPHA, METHODS, MethodConfig
+from .methods import METHODS, MethodConfig
 from .overfitting import OverfitDetector, _cpu_state
 from .validation import accuracy, fixed_batches, pgd_accuracy
 
-OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = ("cosine", "step", "none")
-NORMS = ("linf", "l2")
 FORMAT = rs.FORMAT
 
 _logger = logging.getLogger("sparse_adv_fast.train")
 _SYNC_EVERY = 10
 
 Probe = Callable[[nn.Module, int], float]
-
-
-def _num(name: str, v: Any, *, lo: float | None = None, strict: bool = False) -> None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ValueError(f"fit: {name} must be a finite number, got {v!r}")
-    if lo is not None and (v <= lo if strict else v < lo):
-        raise ValueError(f"fit: {name} must be {'>' if strict else '>='} {lo}, got {v!r}")
-
-
-def _int(name: str, v: Any, lo: int, *, optional: bool = False) -> None:
-    if optional and v is None:
-        return
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ValueError(f"fit: {name} must be an int >= {lo}{' or None' if optional else ''}, "
-                         f"got {v!r}")
 
 
 def _split_loaders(loaders: Any, val_on_test: bool) -> tuple[Any, Any]:
@@ -90,23 +82,6 @@ def _emitter(log: Any) -> Callable[[str], None]:
     raise ValueError(f"fit: log must be None, a logging.Logger or a callable, got {log!r}")
 
 
-def _make_optimizer(name: str, params: list[Tensor], lr: float, momentum: float,
-                    weight_decay: float) -> torch.optim.Optimizer:
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-
-
-def _make_schedule(name: str, opt: torch.optim.Optimizer, epochs: int):
-    # Stepped once per epoch, so a checkpoint at an epoch boundary captures it exactly.
-    if name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
-    if name == "step":
-        milestones = sorted({max(1, epochs // 2), max(1, (3 * epochs) // 4)})
-        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
-    return None
-
-
 def _data_seed(seed: int | None, gens: list[torch.Generator]) -> int | None:
     """The seed of the per-epoch shuffles: ``seed``, else the loader generator's own seed
     (``data.loaders(seed=s)`` seeds it with ``s``); ``None`` when fit controls no sampler."""
@@ -124,37 +99,24 @@ def _data_seed(seed: int | None, gens: list[torch.Generator]) -> int | None:
 def fit(
     model: nn.Module,
     loaders: Any,
-    method: str = "natural",
+    method: str | None = None,
     *,
-    epochs: int = 10,
-    lr: float = 0.1,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
-    optimizer: str = "sgd",
-    schedule: str = "cosine",
-    eps: float = 8 / 255,
-    alpha: float | None = None,
-    steps: int = 10,
-    beta: float = 6.0,
-    norm: str = "linf",
+    config: TrainConfig | None = None,
     checkpoint: str | Path | None = None,
     resume: bool = True,
-    rewind_at: int | None = None,
-    co_check: bool = True,
     progress: bool = True,
     device: str | torch.device | None = None,
-    max_batches: int | None = None,
     log: Any = None,
-    val_batches: int = 2,
-    val_steps: int = 10,
-    co_ratio: float = 0.5,
-    co_drop: float = 0.2,
     co_probe: Probe | None = None,
     callback: Callable[[int, History], None] | None = None,
-    seed: int | None = None,
-    val_on_test: bool = False,
+    **settings: Any,
 ) -> History:
-    """Train ``model`` in place with ``method`` and return its :class:`History`.
+    """Train ``model`` in place and return its :class:`History`.
+
+    The run's settings are a :class:`TrainConfig`: ``config`` (default: the defaults), with
+    ``method`` and any keyword in ``settings`` (``epochs=``, ``lr=``, ``eps=``, ... every
+    field of ``TrainConfig``) replacing its fields. Every value is checked before any work;
+    an unknown keyword is a ValueError with the closest field name.
 
     Args:
         model: a model taking inputs in [0, 1] (masked layers keep pruned weights at 0).
@@ -164,10 +126,32 @@ def fit(
             refused unless ``val_on_test=True``: fit never selects or stops on the test
             split behind the user's back.
         method: ``"natural"``, ``"pgd"`` (PGD-AT), ``"trades"`` or ``"fgsm_rs"``.
-        epochs, lr, momentum, weight_decay, optimizer (``"sgd"``/``"adam"``), schedule
-            (``"cosine"``/``"step"`` (x0.1 at 50% and 75%)/``"none"``, stepped per epoch).
-        eps, alpha, steps, norm: training attack; ``alpha`` defaults to ``eps / 4`` (pgd,
-            trades) or ``1.25 * eps`` (fgsm_rs). ``beta``: TRADES weight.
+        config: the settings (see :class:`TrainConfig` for each field): ``epochs``, ``lr``,
+            ``momentum``, ``weight_decay``, ``optimizer`` (``"sgd"``/``"adam"``),
+            ``schedule`` (``"cosine"``/``"step"`` (x0.1 at 50% and 75%)/``"none"``, stepped
+            per epoch; ``"cyclic"`` per iteration); the training attack ``eps``, ``alpha``
+            (default ``eps / 4``; ``1.25 * eps`` for fgsm_rs), ``steps``, ``norm``,
+            ``beta`` (TRADES weight), ``eps_warmup`` (epochs of a linear ramp of the radius
+            from 0); ``rewind_at``: iteration ``k`` whose state_dict is kept as
+            ``history.rewind_state`` (``0`` = the initial weights), for lottery-ticket
+            rewinding; ``co_check`` (with ``co_ratio``, ``co_drop``): for the adversarial
+            methods, stop at catastrophic overfitting: when the validation PGD accuracy
+            falls below ``co_ratio`` x the best and by more than ``co_drop``, record
+            ``history.co_detected_epoch``, roll the model back to the best epoch
+            (``history.rolled_back``) and stop; ``collapse_check``: raise
+            :class:`~sparse_adv_fast.train.collapse.TrainingCollapsed` when an epoch's
+            training accuracy is at chance or the input gradient vanished for most of a
+            batch; ``max_batches``: cap on batches per epoch (training and clean
+            validation); ``val_batches``, ``val_steps``: validation PGD accuracy is
+            PGD-``val_steps`` (step ``eps / 4``) on the first ``val_batches`` validation
+            batches, fixed for the run; ``seed``: seed of the data order. When the train
+            loader shuffles with its own ``torch.Generator`` (as ``data.loaders`` builds
+            it), epoch ``e`` is shuffled from ``(seed, e)`` alone, so the order never
+            depends on what the generator drew before (a cached loader, a restart); the
+            generator is given back in its entry state. Defaults to the generator's
+            ``initial_seed()``. A loader without a generator draws from the global RNG,
+            which the checkpoint restores. ``val_on_test``: allow a loaders dict's
+            ``"test"`` entry as the validation loader.
         checkpoint: a file; after every epoch the full training state and the run's
             settings are written to it atomically, never with non-finite weights. With
             ``resume`` an existing one is loaded and training continues from the next
@@ -175,166 +159,344 @@ def fit(
             mismatched file, or one written with other settings (the error lists each
             difference), raises :class:`CheckpointError`; one holding NaN/Inf weights
             raises :class:`NonFiniteError`. The file is never changed by a refusal.
-        rewind_at: iteration ``k`` whose state_dict is kept as ``history.rewind_state``
-            (``0`` = the initial weights), for lottery-ticket rewinding.
-        co_check: for the adversarial methods, stop at catastrophic overfitting: when the
-            validation PGD accuracy falls below ``co_ratio`` x the best and by more than
-            ``co_drop``, record ``history.co_detected_epoch``, roll the model back to the
-            best epoch (``history.rolled_back``) and stop.
-        max_batches: cap on batches per epoch (training and clean validation).
+        progress: show a progress bar per epoch. device: where to train (default: the
+            model's).
         log: ``None`` (the ``sparse_adv_fast.train`` logger), a Logger or a callable(str).
-        val_batches, val_steps: validation PGD accuracy is PGD-``val_steps`` (step
-            ``eps / 4``) on the first ``val_batches`` validation batches, fixed for the run.
-        co_probe: ``probe(model, epoch) -> accuracy`` replacing that PGD measurement.
+        co_probe: ``probe(model, epoch) -> accuracy`` replacing the validation PGD
+            measurement of the overfitting check.
         callback: ``callback(epoch, history)`` after each epoch's checkpoint.
-        seed: seed of the data order. When the train loader shuffles with its own
-            ``torch.Generator`` (as ``data.loaders`` builds it), epoch ``e`` is shuffled
-            from ``(seed, e)`` alone, so the order never depends on what the generator
-            drew before (a cached loader, a restart); the generator is given back in its
-            entry state. Defaults to the generator's ``initial_seed()``. A loader
-            without a generator draws from the global RNG, which the checkpoint restores.
-        val_on_test: allow a loaders dict's ``"test"`` entry as the validation loader.
 
     Raises:
         NonFiniteError: the loss or weights became NaN/Inf; the message names the epoch,
             the iteration and the first bad tensor. The last good checkpoint is kept.
+        TrainingCollapsed: with ``collapse_check``, the run stopped learning; the message
+            says what to try. The epoch is not checkpointed.
     """
-    # ---- validate everything before any work ------------------------------------------
-    if method not in METHODS:
-        raise ValueError(f"fit: unknown method {method!r}; choose one of {tuple(METHODS)}")
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"fit: unknown optimizer {optimizer!r}; choose one of {OPTIMIZERS}")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"fit: unknown schedule {schedule!r}; choose one of {SCHEDULES}")
-    if norm not in NORMS:
-        raise ValueError(f"fit: unknown norm {norm!r}; choose one of {NORMS}")
-    _int("epochs", epochs, 0)
-    _num("lr", lr, lo=0, strict=True)
-    _num("momentum", momentum, lo=0)
-    _num("weight_decay", weight_decay, lo=0)
-    _num("eps", eps, lo=0)
-    if alpha is not None:
-        _num("alpha", alpha, lo=0, strict=True)
-    _num("beta", beta, lo=0)
-    _int("steps", steps, 1)
-    _int("rewind_at", rewind_at, 0, optional=True)
-    _int("max_batches", max_batches, 1, optional=True)
-    _int("val_batches", val_batches, 1)
-    _int("val_steps", val_steps, 1)
-    _int("seed", seed, 0, optional=True)
+    cfg = _config(config, method, settings)
+    run = _prepare(model, loaders, cfg, checkpoint, progress, device, log, co_probe)
+    with rng.preserved(run.gens):
+        start, stopped = _start(run, resume)
+        if stopped:
+            return run.history
+        for epoch in range(start + 1, cfg.epochs + 1):
+            if _epoch(run, epoch, callback):
+                break
+    return run.history
+
+
+@dataclass
+class _Run:
+    """Everything one ``fit`` call works on, built once by :func:`_prepare`."""
+
+    model: nn.Module
+    cfg: TrainConfig
+    train_loader: Any
+    val_loader: Any
+    emit: Callable[[str], None]
+    dev: torch.device
+    attack: MethodConfig
+    loss_fn: Callable
+    opt: torch.optim.Optimizer
+    sched: Any
+    per_iteration: bool  # the schedule steps per batch (cyclic), not per epoch
+    warmup_iters: int  # iterations of the eps ramp (0: none)
+    gens: list[torch.Generator]
+    data_seed: int | None
+    detector: OverfitDetector
+    check_co: bool
+    fixed: list[tuple[Tensor, Tensor]]
+    path: Path | None
+    progress: bool
+    co_probe: Probe | None
+    settings: dict[str, Any] = field(default_factory=dict)
+    history: History = field(default_factory=History)
+
+
+def _config(config: TrainConfig | None, method: str | None,
+            settings: Mapping[str, Any]) -> TrainConfig:
+    """The run's config: ``config`` (or the defaults) with ``method`` and ``settings``."""
+    if config is None:
+        config = TrainConfig()
+    elif not isinstance(config, TrainConfig):
+        raise TypeError(f"fit: config must be a TrainConfig, got {type(config).__name__}")
+    changes = dict(settings)
+    if method is not None:
+        changes["method"] = method
+    if not changes:
+        return config
+    check_keys(changes, TrainConfig.keys(), "fit")
+    try:
+        return config.replace(**changes)
+    except ValueError as e:
+        raise ValueError(f"fit: {e}") from None
+
+
+def _prepare(model: nn.Module, loaders: Any, cfg: TrainConfig, checkpoint: Any,
+             progress: bool, device: Any, log: Any, co_probe: Probe | None) -> _Run:
+    """Check what the config cannot (model, loaders, log) and build the run; no training."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"fit: model must be an nn.Module, got {type(model).__name__}")
-    train_loader, val_loader = _split_loaders(loaders, val_on_test)
+    train_loader, val_loader = _split_loaders(loaders, cfg.val_on_test)
     if train_loader is None:
         raise ValueError("fit: the train loader is None")
     emit = _emitter(log)
-    detector = OverfitDetector(ratio=co_ratio, drop=co_drop)  # validates the thresholds
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("fit: the model has no trainable parameters")
-
+    batches = _batches_per_epoch(train_loader, cfg)
     dev = torch.device(device) if device is not None else params[0].device
     model.to(dev)
-    cfg = MethodConfig(eps=float(eps), alpha=float(alpha if alpha is not None
-                                                   else DEFAULT_ALPHA[method] * eps),
-                       steps=steps, norm=norm, beta=float(beta))
-    loss_fn = METHODS[method]
-    opt = _make_optimizer(optimizer, params, lr, momentum, weight_decay)
-    sched = _make_schedule(schedule, opt, epochs)
+    opt = _make_optimizer(cfg, params)
+    sched, per_iteration = _schedule(cfg, opt, batches)
     gens = rng.loader_generators(train_loader)
-    data_seed = _data_seed(seed, gens)
-    settings = {
-        "method": method, "epochs": epochs, "optimizer": optimizer, "lr": float(lr),
-        "momentum": float(momentum), "weight_decay": float(weight_decay),
-        "schedule": schedule, "eps": cfg.eps, "alpha": cfg.alpha, "steps": steps,
-        "beta": cfg.beta, "norm": norm, "seed": data_seed, **rs.loader_facts(train_loader),
-        "max_batches": max_batches, "rewind_at": rewind_at, "co_check": bool(co_check),
-        "co_ratio": float(co_ratio), "co_drop": float(co_drop), "co_probe": co_probe is not None,
-        "validation": val_loader is not None, "val_batches": val_batches,
-        "val_steps": val_steps,
+    check_co = cfg.co_check and cfg.method != "natural" and (
+        co_probe is not None or (val_loader is not None and cfg.eps > 0))
+    run = _Run(
+        model=model, cfg=cfg, train_loader=train_loader, val_loader=val_loader, emit=emit,
+        dev=dev, attack=MethodConfig(eps=cfg.eps, alpha=cfg.resolved_alpha, steps=cfg.steps,
+                                     norm=cfg.norm, beta=cfg.beta),
+        loss_fn=METHODS[cfg.method], opt=opt, sched=sched, per_iteration=per_iteration,
+        warmup_iters=max(1, round(cfg.eps_warmup * batches)) if cfg.eps_warmup > 0 else 0,
+        gens=gens, data_seed=_data_seed(cfg.seed, gens),
+        detector=OverfitDetector(ratio=cfg.co_ratio, drop=cfg.co_drop), check_co=check_co,
+        # Fixed for the whole run, fetched before any RNG state is restored.
+        fixed=fixed_batches(val_loader, cfg.val_batches) if val_loader is not None else [],
+        path=Path(checkpoint) if checkpoint is not None else None, progress=progress,
+        co_probe=co_probe, history=History(method=cfg.method, rewind_at=cfg.rewind_at),
+    )
+    run.settings = _settings(run)
+    return run
+
+
+def _batches_per_epoch(loader: Any, cfg: TrainConfig) -> int:
+    """Batches an epoch trains on; needed (and checked) only by per-iteration settings."""
+    if cfg.schedule != "cyclic" and cfg.eps_warmup == 0:
+        return 0
+    try:
+        n = len(loader)
+    except TypeError:
+        raise ValueError("fit: schedule='cyclic' and eps_warmup need a train loader with "
+                         "a length (batches per epoch)") from None
+    return max(1, min(n, cfg.max_batches) if cfg.max_batches is not None else n)
+
+
+def _make_optimizer(cfg: TrainConfig, params: list[Tensor]) -> torch.optim.Optimizer:
+    """SGD (with ``momentum``) or Adam, both with ``weight_decay``."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _schedule(cfg: TrainConfig, opt: torch.optim.Optimizer, batches: int) -> tuple[Any, bool]:
+    """``(scheduler or None, steps per iteration)``.
+
+    The epoch schedules are stepped once per epoch, so a checkpoint at an epoch boundary
+    captures them exactly; ``cyclic`` is stepped per batch and is a function of the
+    iteration alone (so it resumes exactly too).
+    """
+    epochs = cfg.epochs
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1)), False
+    if cfg.schedule == "step":
+        milestones = sorted({max(1, epochs // 2), max(1, (3 * epochs) // 4)})
+        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones,
+                                                    gamma=0.1), False
+    if cfg.schedule == "cyclic":
+        total = max(epochs, 1)
+
+        def factor(k: int) -> float:  # k: batches already trained; lr of batch k + 1
+            t = (k + 1) / batches
+            return float(np.interp(t, [0.0, CYCLIC_PEAK * total, total], [0.0, 1.0, 0.0]))
+
+        return torch.optim.lr_scheduler.LambdaLR(opt, factor), True
+    return None, False
+
+
+def _settings(run: _Run) -> dict[str, Any]:
+    """What a checkpoint records and a resume must match, in ``fit``'s argument order."""
+    c = run.cfg
+    s = {
+        "method": c.method, "epochs": c.epochs, "optimizer": c.optimizer, "lr": c.lr,
+        "momentum": c.momentum, "weight_decay": c.weight_decay, "schedule": c.schedule,
+        "eps": run.attack.eps, "alpha": run.attack.alpha, "steps": c.steps,
+        "beta": run.attack.beta, "norm": c.norm, "seed": run.data_seed,
+        **rs.loader_facts(run.train_loader), "max_batches": c.max_batches,
+        "rewind_at": c.rewind_at, "co_check": c.co_check, "co_ratio": c.co_ratio,
+        "co_drop": c.co_drop, "co_probe": run.co_probe is not None,
+        "validation": run.val_loader is not None, "val_batches": c.val_batches,
+        "val_steps": c.val_steps,
     }
-    history = History(method=method, rewind_at=rewind_at)
-    check_co = co_check and method != "natural" and (
-        co_probe is not None or (val_loader is not None and eps > 0))
-    # Fixed for the whole run, fetched before any RNG state is restored.
-    fixed = fixed_batches(val_loader, val_batches) if val_loader is not None else []
+    if c.eps_warmup > 0:
+        # Recorded only when on, so checkpoints written before the option still resume.
+        s["eps_warmup"] = c.eps_warmup
+    return s
 
-    def probe(epoch: int) -> float | None:
-        if co_probe is not None:
-            return float(co_probe(model, epoch))
-        if not fixed or eps == 0:
-            return None
-        return pgd_accuracy(model, fixed, eps=cfg.eps, alpha=cfg.eps / 4, steps=val_steps,
-                            norm=norm, device=dev)
 
-    path = Path(checkpoint) if checkpoint is not None else None
+def _start(run: _Run, resume: bool) -> tuple[int, bool]:
+    """``(last finished epoch, whether the run had already stopped)``: resume from the
+    checkpoint if there is one, then check the model and keep the rewind point 0."""
+    start, stopped = 0, False
+    path = run.path
+    if path is not None and resume and path.exists():
+        run.history, stopped = _resume(path, run.settings, run.model, run.opt, run.sched,
+                                       run.gens, run.detector)
+        start = int(run.history.resumed_from_epoch or 0)
+        run.emit(f"resumed from {path} after epoch {start}")
+    if stopped:
+        return start, True
+    # A NaN start would train to NaN and look like divergence; name the real cause.
+    check_finite(run.model, "fit: the model given to fit")
+    if run.cfg.rewind_at == 0 and run.history.rewind_state is None:
+        run.history.rewind_state = _cpu_state(run.model)
+    return start, False
 
-    def save(epoch: int, stopped: bool) -> None:
-        if path is not None:
-            _save_if_finite(path, {
-                "format": FORMAT, "epoch": epoch, "method": method, "stopped": stopped,
-                "config": settings, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict() if sched is not None else None,
-                "rng": rng.capture(gens), "history": history.as_dict(),
-                "detector": detector.state_dict() if check_co else None,
-                "rewind_state": history.rewind_state,
-            }, epoch)
 
-    with rng.preserved(gens):
-        # ---- resume ---------------------------------------------------------------------
-        start, stopped = 0, False
-        if path is not None and resume and path.exists():
-            history, stopped = _resume(path, settings, model, opt, sched, gens, detector)
-            start = int(history.resumed_from_epoch or 0)
-            emit(f"resumed from {path} after epoch {start}")
-        if stopped:
-            return history
-        # A NaN start would train to NaN and look like divergence; name the real cause.
-        check_finite(model, "fit: the model given to fit")
-        if rewind_at == 0 and history.rewind_state is None:
-            history.rewind_state = _cpu_state(model)
+def _epoch(run: _Run, epoch: int, callback: Callable[[int, History], None] | None) -> bool:
+    """Train, validate, check and checkpoint one epoch; whether the run stops after it."""
+    t0 = time.perf_counter()
+    cur_lr = float(run.opt.param_groups[0]["lr"])
+    if run.data_seed is not None:
+        rng.seed_epoch(run.gens, run.data_seed, epoch)
+    stats = _train_epoch(run, epoch)
+    if run.sched is not None and not run.per_iteration:
+        run.sched.step()
+    clean, robust = _validate(run, epoch)
+    record = {
+        "epoch": epoch, "train_loss": stats.loss_sum / max(stats.seen, 1),
+        "train_acc": stats.correct / max(stats.seen, 1), "val_clean_acc": clean,
+        "val_pgd_acc": robust, "lr": cur_lr, "time": time.perf_counter() - t0,
+    }
+    run.history.epochs.append(record)
+    run.emit(_fmt(record))
+    if run.cfg.collapse_check:
+        collapse.check_chance(record["train_acc"], stats.seen, stats.classes, epoch)
+    stopped = _overfitting(run, epoch, robust)
+    _checkpoint(run, epoch, stopped)
+    if callback is not None:
+        callback(epoch, run.history)
+    return stopped
 
-        # ---- train ----------------------------------------------------------------------
-        for epoch in range(start + 1, epochs + 1):
-            t0 = time.perf_counter()
-            cur_lr = float(opt.param_groups[0]["lr"])
-            if data_seed is not None:
-                rng.seed_epoch(gens, data_seed, epoch)
-            loss_sum, correct, seen = _train_epoch(
-                model, train_loader, loss_fn, cfg, opt, dev, max_batches, history, rewind_at,
-                progress, epoch, f"{method} {epoch}/{epochs}",
-            )
-            if sched is not None:
-                sched.step()
-            clean = (accuracy(model, val_loader, device=dev, max_batches=max_batches)
-                     if val_loader is not None else None)
-            robust = probe(epoch)
-            record = {
-                "epoch": epoch, "train_loss": loss_sum / max(seen, 1),
-                "train_acc": correct / max(seen, 1), "val_clean_acc": clean,
-                "val_pgd_acc": robust, "lr": cur_lr, "time": time.perf_counter() - t0,
-            }
-            history.epochs.append(record)
-            emit(_fmt(record))
-            stopped = False
-            if check_co and robust is not None:
-                if detector.update(epoch, robust, model):
-                    history.co_detected_epoch = epoch
-                    detector.restore_best(model)
-                    history.rolled_back = True
-                    stopped = True
-                    emit(f"catastrophic overfitting at epoch {epoch}: PGD accuracy "
-                         f"{robust:.3f} vs best {detector.best_acc:.3f} (epoch "
-                         f"{detector.best_epoch}); rolled back to the best epoch and stopped")
-                history.best_epoch = detector.best_epoch
-                history.best_val_pgd_acc = detector.best_acc
-            save(epoch, stopped)
-            if callback is not None:
-                callback(epoch, history)
-            if stopped:
+
+@dataclass
+class _EpochStats:
+    loss_sum: float
+    correct: int
+    seen: int
+    classes: int  # the model's number of outputs (for the chance level)
+
+
+def _attack_config(run: _Run, iteration: int) -> MethodConfig:
+    """The training attack of ``iteration`` (1-based): during the eps warm-up the radius
+    and the step are ``iteration / warmup_iters`` of their full values."""
+    if run.warmup_iters == 0 or iteration >= run.warmup_iters:
+        return run.attack
+    f = iteration / run.warmup_iters
+    return MethodConfig(eps=run.attack.eps * f, alpha=run.attack.alpha * f,
+                        steps=run.attack.steps, norm=run.attack.norm, beta=run.attack.beta,
+                        clip=run.attack.clip)
+
+
+def _train_step(run: _Run, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """One optimisation step on a batch (attacked as the method says); ``(loss, logits)``."""
+    h = run.history
+    loss, logits = run.loss_fn(run.model, x, y, _attack_config(run, h.iterations + 1))
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    run.opt.step()
+    if run.per_iteration:
+        run.sched.step()
+    h.iterations += 1
+    if run.cfg.rewind_at is not None and h.iterations == run.cfg.rewind_at:
+        h.rewind_state = _cpu_state(run.model)
+    return loss, logits
+
+
+def _train_epoch(run: _Run, epoch: int) -> _EpochStats:
+    """One pass over the train loader (at most ``max_batches``), with the finiteness and
+    collapse checks."""
+    from tqdm.auto import tqdm
+
+    loader, dev, h, cfg = run.train_loader, run.dev, run.history, run.cfg
+    total = len(loader) if hasattr(loader, "__len__") else None
+    if total is not None and cfg.max_batches is not None:
+        total = min(total, cfg.max_batches)
+    # Running sums stay on the device; they are read (a host sync) only every
+    # _SYNC_EVERY batches, for the progress bar and the finiteness check.
+    loss_sum = torch.zeros((), device=dev)
+    correct = torch.zeros((), dtype=torch.int64, device=dev)
+    seen = classes = 0
+    run.model.train()
+    desc = f"{cfg.method} {epoch}/{cfg.epochs}"
+    with tqdm(total=total, desc=desc, disable=not run.progress, leave=False) as bar:
+        for i, (x, y) in enumerate(loader):
+            if cfg.max_batches is not None and i >= cfg.max_batches:
                 break
-    return history
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            loss, logits = _train_step(run, x, y)
+            n = y.shape[0]
+            loss_sum += loss.detach() * n
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += n
+            classes = int(logits.shape[1])
+            bar.update(1)
+            if h.iterations % _SYNC_EVERY == 0 or i == 0:
+                _check_loss(loss_sum, run.model, epoch, h.iterations)
+                if cfg.collapse_check:
+                    collapse.check_gradients(run.model, x, y, epoch, h.iterations)
+                bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}",
+                                acc=f"{int(correct) / seen:.3f}")
+    _check_loss(loss_sum, run.model, epoch, h.iterations)
+    _check_weights(run.model, epoch, h.iterations)
+    return _EpochStats(float(loss_sum), int(correct), seen, classes)
 
+
+def _validate(run: _Run, epoch: int) -> tuple[float | None, float | None]:
+    """``(clean accuracy, PGD accuracy)`` on the validation data (``None`` where absent)."""
+    clean = (accuracy(run.model, run.val_loader, device=run.dev,
+                      max_batches=run.cfg.max_batches)
+             if run.val_loader is not None else None)
+    if run.co_probe is not None:
+        return clean, float(run.co_probe(run.model, epoch))
+    if not run.fixed or run.cfg.eps == 0:
+        return clean, None
+    return clean, pgd_accuracy(run.model, run.fixed, eps=run.attack.eps,
+                               alpha=run.attack.eps / 4, steps=run.cfg.val_steps,
+                               norm=run.cfg.norm, device=run.dev)
+
+
+def _overfitting(run: _Run, epoch: int, robust: float | None) -> bool:
+    """Feed the overfitting detector; at a collapse roll back to the best epoch and stop."""
+    if not run.check_co or robust is None:
+        return False
+    h, det = run.history, run.detector
+    stopped = False
+    if det.update(epoch, robust, run.model):
+        h.co_detected_epoch = epoch
+        det.restore_best(run.model)
+        h.rolled_back = True
+        stopped = True
+        run.emit(f"catastrophic overfitting at epoch {epoch}: PGD accuracy {robust:.3f} vs "
+                 f"best {det.best_acc:.3f} (epoch {det.best_epoch}); rolled back to the best "
+                 "epoch and stopped")
+    h.best_epoch = det.best_epoch
+    h.best_val_pgd_acc = det.best_acc
+    return stopped
+
+
+def _checkpoint(run: _Run, epoch: int, stopped: bool) -> None:
+    """Write the full training state after ``epoch`` (if the run has a checkpoint file)."""
+    if run.path is None:
+        return
+    _save_if_finite(run.path, {
+        "format": FORMAT, "epoch": epoch, "method": run.cfg.method, "stopped": stopped,
+        "config": run.settings, "model": run.model.state_dict(),
+        "optimizer": run.opt.state_dict(),
+        "scheduler": run.sched.state_dict() if run.sched is not None else None,
+        "rng": rng.capture(run.gens), "history": run.history.as_dict(),
+        "detector": run.detector.state_dict() if run.check_co else None,
+        "rewind_state": run.history.rewind_state,
+    }, epoch)
 
 def _resume(
     path: Path, settings: Mapping[str, Any], model: nn.Module, opt: torch.optim.Optimizer,
@@ -377,48 +539,6 @@ def _save_if_finite(path: Path, state: dict[str, Any], epoch: int) -> None:
     ckpt_io.save_atomic(state, path)
 
 
-def _train_epoch(
-    model: nn.Module, loader: DataLoader, loss_fn: Callable, cfg: MethodConfig,
-    opt: torch.optim.Optimizer, dev: torch.device, max_batches: int | None,
-    history: History, rewind_at: int | None, progress: bool, epoch: int, desc: str,
-) -> tuple[float, int, int]:
-    from tqdm.auto import tqdm
-
-    total = len(loader) if hasattr(loader, "__len__") else None
-    if total is not None and max_batches is not None:
-        total = min(total, max_batches)
-    # Running sums stay on the device; they are read (a host sync) only every
-    # _SYNC_EVERY batches, for the progress bar and the finiteness check.
-    loss_sum = torch.zeros((), device=dev)
-    correct = torch.zeros((), dtype=torch.int64, device=dev)
-    seen = 0
-    model.train()
-    with tqdm(total=total, desc=desc, disable=not progress, leave=False) as bar:
-        for i, (x, y) in enumerate(loader):
-            if max_batches is not None and i >= max_batches:
-                break
-            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            loss, logits = loss_fn(model, x, y, cfg)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            history.iterations += 1
-            if rewind_at is not None and history.iterations == rewind_at:
-                history.rewind_state = _cpu_state(model)
-            n = y.shape[0]
-            loss_sum += loss.detach() * n
-            correct += (logits.detach().argmax(1) == y).sum()
-            seen += n
-            bar.update(1)
-            if history.iterations % _SYNC_EVERY == 0:
-                _check_loss(loss_sum, model, epoch, history.iterations)
-                bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}",
-                                acc=f"{int(correct) / seen:.3f}")
-    _check_loss(loss_sum, model, epoch, history.iterations)
-    _check_weights(model, epoch, history.iterations)
-    return float(loss_sum), int(correct), seen
-
-
 _ADVICE = "lower the learning rate or check the data"
 
 
@@ -448,4 +568,4 @@ def _fmt(r: dict[str, Any]) -> str:
             f"lr {r['lr']:.4g} ({r['time']:.1f}s)")
 
 
-__all__ = ["FORMAT", "OPTIMIZERS", "SCHEDULES", "fit"]
+__all__ = ["FORMAT", "NORMS", "OPTIMIZERS", "SCHEDULES", "TrainConfig", "fit"]
