@@ -5,6 +5,10 @@ Usage: ``python benchmarks/report.py BENCH.json [--out RESULTS_SECTION.md]``
 Every benchmark sets ``benchmark.group`` and ``extra_info["impl"]``; one entry per group
 sets ``extra_info["baseline"] = True``. The table gives each entry's median time and its
 ratio to the baseline of its group (``speed-up`` = baseline time / time, so > 1 is faster).
+
+Groups whose entries carry ``extra_info["images"]`` (the end-to-end suite) get their own
+table: images/s, the speed-up, and where ``extra_info["mac_ideal"]`` (dense MACs / non-zero
+MACs) is given, the fraction of that ideal the speed-up reaches.
 """
 
 from __future__ import annotations
@@ -23,24 +27,43 @@ def _fmt_time(s: float) -> str:
     return f"{s * 1e9:.3g} ns"
 
 
-def table(data: dict) -> str:
-    """Markdown for every group of the benchmark JSON ``data``."""
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for b in data["benchmarks"]:
-        groups[b.get("group") or b["name"]].append(b)
+def _header(data: dict) -> list[str]:
     machine = data.get("machine_info", {})
     cpu = machine.get("cpu", {}).get("brand_raw") or platform.processor() or "unknown CPU"
-    lines = [
+    return [
         f"Machine: {cpu}, {machine.get('cpu', {}).get('count', '?')} cores, "
         f"Python {machine.get('python_version', '?')}; "
         f"run {data.get('datetime', '')[:19]}.",
         "",
+    ]
+
+
+def _groups(data: dict) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for b in data["benchmarks"]:
+        groups[b.get("group") or b["name"]].append(b)
+    return groups
+
+
+def _baseline(rows: list[dict]) -> dict | None:
+    return next((r for r in rows if r.get("extra_info", {}).get("baseline")), None)
+
+
+def _is_end_to_end(rows: list[dict]) -> bool:
+    return any("images" in r.get("extra_info", {}) for r in rows)
+
+
+def table(data: dict) -> str:
+    """Markdown for every group of the benchmark JSON ``data``."""
+    groups = _groups(data)
+    lines = _header(data) + [
         "| group | impl | median | speed-up vs baseline |",
         "|---|---|---|---|",
     ]
-    for g in sorted(groups):
+    op_groups = [g for g in sorted(groups) if not _is_end_to_end(groups[g])]
+    for g in op_groups:
         rows = groups[g]
-        base = next((r for r in rows if r.get("extra_info", {}).get("baseline")), None)
+        base = _baseline(rows)
         for r in sorted(rows, key=lambda r: r["stats"]["median"]):
             info = r.get("extra_info", {})
             impl = info.get("impl", r["name"])
@@ -54,6 +77,36 @@ def table(data: dict) -> str:
             extra = {k: v for k, v in info.items() if k not in ("impl", "baseline")}
             note = f" ({', '.join(f'{k}={v}' for k, v in extra.items())})" if extra else ""
             lines.append(f"| {g} | {impl}{note} | {_fmt_time(med)} | {ratio} |")
+    if not op_groups:
+        lines = _header(data)
+    e2e = end_to_end_table(groups)
+    return "\n".join(lines) + "\n" + (("\n" + e2e) if e2e else "")
+
+
+def end_to_end_table(groups: dict[str, list[dict]]) -> str:
+    """The end-to-end groups: images/s, speed-up over the baseline, fraction of MAC ideal."""
+    names = [g for g in sorted(groups) if _is_end_to_end(groups[g])]
+    if not names:
+        return ""
+    lines = [
+        "| group | impl | images/s | speed-up vs baseline | MAC ideal | fraction of ideal |",
+        "|---|---|---|---|---|---|",
+    ]
+    for g in names:
+        rows = groups[g]
+        base = _baseline(rows)
+        for r in sorted(rows, key=lambda r: r["stats"]["median"]):
+            info = r.get("extra_info", {})
+            med = r["stats"]["median"]
+            ips = info["images"] / med if med > 0 else float("inf")
+            speed = base["stats"]["median"] / med if base is not None and med > 0 else None
+            ideal = info.get("mac_ideal")
+            tag = " (baseline)" if r is base else ""
+            speed_s = "n/a (no baseline)" if speed is None else f"{speed:.2f}x{tag}"
+            ideal_s = "" if ideal is None else f"{ideal:.2f}x"
+            frac = "" if ideal is None or speed is None else f"{speed / ideal:.0%}"
+            lines.append(f"| {g} | {info.get('impl', r['name'])} | {ips:.1f} | {speed_s} | "
+                         f"{ideal_s} | {frac} |")
     return "\n".join(lines) + "\n"
 
 
