@@ -430,6 +430,62 @@ def _load_cifar10(data_dir: Path) -> tuple[TensorDataset, TensorDataset]:
     return ds(x_tr, y_tr), ds(x_te, y_te)
 
 
+# ---- augmentation (training split only) -------------------------------------------------
+CROP_PADDING = 4
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator | None = None, *,
+                  padding: int = CROP_PADDING, flip: bool = True) -> torch.Tensor:
+    """The standard CIFAR augmentation of a batch ``(N, C, H, W)``: a random ``H x W`` crop of
+    the image zero-padded by ``padding`` pixels on each side, then a horizontal flip with
+    probability 1/2, drawn per sample from ``generator`` (offsets first, then flips)."""
+    if not isinstance(padding, int) or isinstance(padding, bool) or padding < 0:
+        raise ValueError(f"padding must be an int >= 0, got {padding!r}")
+    if x.dim() != 4:
+        raise ValueError(f"augment_batch expects (N, C, H, W) images, got shape {tuple(x.shape)}")
+    n, _, h, w = x.shape
+    out = x
+    if padding:
+        off = torch.randint(0, 2 * padding + 1, (n, 2), generator=generator)
+        xp = torch.nn.functional.pad(x, (padding,) * 4)
+        rows = (off[:, :1] + torch.arange(h))[:, None, :, None]  # (N, 1, H, 1)
+        cols = (off[:, 1:] + torch.arange(w))[:, None, None, :]  # (N, 1, 1, W)
+        idx = torch.arange(n)[:, None, None, None]
+        out = xp[idx, torch.arange(x.shape[1])[None, :, None, None], rows, cols]
+    if flip:
+        mirror = torch.randint(0, 2, (n,), generator=generator).bool()
+        out = torch.where(mirror[:, None, None, None], out.flip(-1), out)
+    return out.contiguous()
+
+
+class AugmentCollate:
+    """A DataLoader ``collate_fn`` that batches, then applies :func:`augment_batch`.
+
+    In the main process it draws from ``generator`` (the train loader's own, which ``fit``
+    reseeds per epoch and checkpoints, so the crops are a function of the seed and the
+    epoch and resume exactly). A worker process draws from a generator seeded with the
+    worker's seed (itself drawn from the loader's generator), so workers do not repeat
+    each other's crops.
+    """
+
+    def __init__(self, generator: torch.Generator, padding: int = CROP_PADDING,
+                 flip: bool = True) -> None:
+        self.generator, self.padding, self.flip = generator, padding, flip
+        self._worker: tuple[int, torch.Generator] | None = None
+
+    def _gen(self) -> torch.Generator:
+        info = torch.utils.data.get_worker_info()
+        if info is None:
+            return self.generator
+        if self._worker is None or self._worker[0] != info.seed:
+            self._worker = (info.seed, torch.Generator().manual_seed(info.seed))
+        return self._worker[1]
+
+    def __call__(self, batch: list[Any]) -> Any:
+        x, y = torch.utils.data.default_collate(batch)
+        return augment_batch(x, self._gen(), padding=self.padding, flip=self.flip), y
+
+
 # ---- public API -------------------------------------------------------------------------
 def load(
     name: str, data_dir: str | os.PathLike | None = None
@@ -467,14 +523,22 @@ def _check_loader_args(batch_size: int, num_workers: int) -> None:
         raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
 
 
+def _check_augment(augment: Any) -> bool:
+    if not isinstance(augment, bool):
+        raise ValueError(f"augment must be True or False, got {augment!r}")
+    return augment
+
+
 def _ordered(ds: Any, batch_size: int, num_workers: int) -> DataLoader:
     return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
 
 
-def _shuffled(ds: Any, batch_size: int, num_workers: int, seed: int) -> DataLoader:
+def _shuffled(ds: Any, batch_size: int, num_workers: int, seed: int,
+              augment: bool = False) -> DataLoader:
     gen = torch.Generator().manual_seed(seed)
     return DataLoader(
-        ds, batch_size=batch_size, shuffle=True, generator=gen, num_workers=num_workers
+        ds, batch_size=batch_size, shuffle=True, generator=gen, num_workers=num_workers,
+        collate_fn=AugmentCollate(gen) if augment else None,
     )
 
 
@@ -498,16 +562,20 @@ def loaders(
     test_subset: int | None = None,
     seed: int = 0,
     num_workers: int = 0,
+    augment: bool = False,
 ) -> tuple[DataLoader, DataLoader]:
     """``(train_loader, test_loader)`` for dataset ``name``.
 
     The train loader shuffles with its own generator seeded by ``seed`` (so the order does
     not depend on the global RNG, and ``fit`` checkpoints it); the test loader keeps order.
     ``train_subset`` / ``test_subset`` take a seeded random subset of that many samples.
+    ``augment``: random crop (4-pixel zero padding) and horizontal flip of the training
+    batches (:class:`AugmentCollate`), drawn from the train loader's generator.
     """
+    _check_augment(augment)
     train, test = _datasets(name, data_dir, train_subset, test_subset, seed, batch_size,
                             num_workers)
-    return (_shuffled(train, batch_size, num_workers, seed),
+    return (_shuffled(train, batch_size, num_workers, seed, augment),
             _ordered(test, batch_size, num_workers))
 
 
@@ -521,12 +589,15 @@ def split_loaders(
     test_subset: int | None = None,
     seed: int = 0,
     num_workers: int = 0,
+    augment: bool = False,
 ) -> tuple[DataLoader, DataLoader, DataLoader]:
     """``(train_loader, val_loader, test_loader)``: ``val_size`` training samples (a count,
     or a fraction in (0, 1); a seeded random choice) are held out for validation, so model
     selection and the catastrophic-overfitting check never look at the test split. Other
-    arguments as :func:`loaders`.
+    arguments as :func:`loaders` (``augment`` applies to the training batches only, never
+    to validation or test).
     """
+    _check_augment(augment)
     train, test = _datasets(name, data_dir, train_subset, test_subset, seed, batch_size,
                             num_workers)
     given = val_size
@@ -540,11 +611,12 @@ def split_loaders(
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 2))
     val = Subset(train, order[:val_size].sort().values.tolist())
     train = Subset(train, order[val_size:].sort().values.tolist())
-    return (_shuffled(train, batch_size, num_workers, seed),
+    return (_shuffled(train, batch_size, num_workers, seed, augment),
             _ordered(val, batch_size, num_workers),
             _ordered(test, batch_size, num_workers))
 
 
 __all__ = [
-    "DATASETS", "DataError", "DataFilesNotFound", "info", "load", "loaders", "split_loaders",
+    "CROP_PADDING", "DATASETS", "AugmentCollate", "DataError", "DataFilesNotFound",
+    "augment_batch", "info", "load", "loaders", "split_loaders",
 ]
