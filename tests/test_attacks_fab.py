@@ -13,6 +13,15 @@ from sparse_adv_fast.attacks import FAB, fab
 from sparse_adv_fast.attacks.fab import project_hyperplane_box
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models: intra-op threads only add contention on a shared CPU (6x slower here).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_projection_is_the_exact_constrained_minimum(norm):
     scipy_opt = pytest.importorskip("scipy.optimize")
