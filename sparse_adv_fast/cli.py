@@ -19,6 +19,7 @@ meaning per exit status:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -124,18 +125,56 @@ def _suites(text: str) -> tuple[str, ...]:
 
 
 # ---- parser ---------------------------------------------------------------------------------
-def _common_train(p: argparse.ArgumentParser, *, method_flag: str = "--method") -> None:
-    p.add_argument(method_flag, dest="train_method", default="pgd",
-                   choices=("natural", "pgd", "trades", "fgsm_rs"),
-                   help="training method (default: %(default)s)")
-    p.add_argument("--epochs", type=_positive_int, default=10, help="epochs (default: %(default)s)")
-    p.add_argument("--eps", type=_eps, default=None,
-                   help="L-inf radius (default: 0.1 digits, 0.3 mnist, 8/255 cifar10)")
-    p.add_argument("--lr", type=_positive_float, default=0.05, help="learning rate")
-    p.add_argument("--steps", type=_positive_int, default=10, help="attack steps in training")
-    p.add_argument("--batch-size", type=_positive_int, default=64)
-    p.add_argument("--seed", type=_seed, default=0, help="random seed, in [0, 2**32)")
-    p.add_argument("--data-dir", default=None, help="folder with mnist / cifar10 files")
+def _cmd(name: str) -> Any:
+    from .pipeline.command_config import COMMANDS
+
+    return COMMANDS[name]
+
+
+def _option(p: argparse.ArgumentParser, cls: Any, name: str, *flags: str, help: str = "",
+            type: Any = None) -> None:
+    """A flag for field ``name`` of command config ``cls``: parsed and checked by the field
+    (choices listed by argparse), absent unless given, so that ``--config FILE`` values
+    apply and a given flag overrides them."""
+    from . import config
+
+    check = config.field_check(cls, name)
+    default = {f.name: f.default for f in dataclasses.fields(cls)}[name]
+    flags = flags or (f"--{name.replace('_', '-')}",)
+    kw: dict[str, Any] = dict(dest=name, default=argparse.SUPPRESS,
+                              help=f"{help} (default: {default})".lstrip())
+    if check.kind == "bool":
+        kw["action"] = argparse.BooleanOptionalAction
+    elif check.choices is not None:
+        kw["choices"] = check.choices
+    else:
+        kw["type"] = type or config.arg_type(cls, name)
+    p.add_argument(*flags, **kw)
+
+
+def _common_train(p: argparse.ArgumentParser, cmd: str, *, method_key: str = "method",
+                  method_flag: str = "--method") -> None:
+    cls = _cmd(cmd)
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="JSON / YAML file of these settings (keys = flag names with _); "
+                   "flags given override it")
+    _option(p, cls, method_key, method_flag, help="training method")
+    _option(p, cls, "epochs", help="epochs")
+    _option(p, cls, "eps", help="L-inf radius (None: 0.1 digits, 0.3 mnist, 8/255 cifar10)")
+    _option(p, cls, "lr", help="learning rate (the peak for --schedule cyclic)")
+    _option(p, cls, "steps", help="attack steps in training")
+    _option(p, cls, "batch_size")
+    _option(p, cls, "seed", help="random seed, in [0, 2**32)")
+    _option(p, cls, "data_dir", help="folder with mnist / cifar10 files")
+    _option(p, cls, "augment", help="random crop + flip of training batches (None: cifar10)")
+    _option(p, cls, "momentum")
+    _option(p, cls, "weight_decay")
+    _option(p, cls, "optimizer")
+    _option(p, cls, "schedule", help="cosine, step (x0.1 at 50%%, 75%%), none, cyclic")
+    _option(p, cls, "alpha", help="attack step (None: eps/4; 1.25 eps for fgsm_rs)")
+    _option(p, cls, "beta", help="TRADES weight")
+    _option(p, cls, "eps_warmup", help="epochs over which eps ramps linearly from 0")
+    _option(p, cls, "collapse_check", help="stop a run whose training collapses")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--fresh", action="store_true",
                    help="discard the checkpoint of an interrupted run (<out>.ckpt), start over")
@@ -174,38 +213,38 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_demo, resumable=True)
 
     t = sub.add_parser("train", help="train a model, save a checkpoint")
-    t.add_argument("--dataset", choices=DATASETS, default="digits")
-    t.add_argument("--model", choices=MODELS, default="small_cnn")
-    t.add_argument("--width", type=_width, default=1, help="width multiplier, in (0, 16]")
+    _option(t, _cmd("train"), "dataset")
+    _option(t, _cmd("train"), "model")
+    _option(t, _cmd("train"), "width", help="width multiplier, in (0, 16]", type=_width)
     t.add_argument("--out", default="model.pt",
                    help="checkpoint file (default: %(default)s); while training, the "
-                   "resumable state is kept in <out>.ckpt")
-    _common_train(t)
+                   "resumable state is kept in <out>.ckpt; the resolved config goes to "
+                   "<out>.config.json")
+    _common_train(t, "train")
     t.set_defaults(func=_train)
 
     p = sub.add_parser("prune", help="prune a saved model, save a checkpoint")
     p.add_argument("checkpoint", help="model checkpoint (from train / prune / iwi)")
-    p.add_argument("--method", dest="prune_method",
-                   choices=("magnitude", "imp", "hydra", "random"), default="magnitude",
-                   help="magnitude / random: prune once; imp / hydra: also train "
-                   "(--epochs per IMP round / HYDRA score epochs, then as many fine-tuning)")
-    p.add_argument("--sparsity", type=_sparsity, default=0.9, help="target fraction in [0, 1)")
-    p.add_argument("--scope", choices=("global", "layer"), default="global")
-    p.add_argument("--rounds", type=_positive_int, default=3, help="IMP rounds")
+    pc = _cmd("prune")
+    _option(p, pc, "method", help="magnitude / random: prune once; imp / hydra: also train "
+            "(--epochs per IMP round / HYDRA score epochs, then as many fine-tuning)")
+    _option(p, pc, "sparsity", help="target fraction in [0, 1)", type=_sparsity)
+    _option(p, pc, "scope")
+    _option(p, pc, "rounds", help="IMP rounds")
     p.add_argument("--out", default="pruned.pt")
-    _common_train(p, method_flag="--train-method")
+    _common_train(p, "prune", method_key="train_method", method_flag="--train-method")
     p.set_defaults(func=_prune)
 
     w = sub.add_parser("iwi", help="Inverse Weights Inheritance, then adversarial training")
     w.add_argument("source", help="source model checkpoint")
-    w.add_argument("--mode", choices=("ticket", "widen"), default="ticket")
-    w.add_argument("--width", type=_width, default=None,
-                   help="target width, in (0, 16] (widen: default 2x the source's)")
-    w.add_argument("--init", choices=("zero", "noise", "preserve"), default=None,
-                   help="start of the weights not inherited (default: zero for ticket, "
-                   "preserve for widen: same function, new units trainable)")
+    wc = _cmd("iwi")
+    _option(w, wc, "mode")
+    _option(w, wc, "width", help="target width, in (0, 16] (widen: None = 2x the source's)",
+            type=_width)
+    _option(w, wc, "init", help="start of the weights not inherited (None: zero for ticket, "
+            "preserve for widen: same function, new units trainable)")
     w.add_argument("--out", default="iwi.pt")
-    _common_train(w)
+    _common_train(w, "iwi")
     w.set_defaults(func=_iwi)
 
     e = sub.add_parser("eval", help="clean and robust accuracy of a saved model (JSON)")
@@ -256,26 +295,39 @@ def _demo(a: argparse.Namespace) -> int:
     return 0
 
 
-def _train_kw(a: argparse.Namespace) -> dict[str, Any]:
-    return dict(epochs=a.epochs, eps=a.eps, lr=a.lr, steps=a.steps, batch_size=a.batch_size,
-                seed=a.seed, data_dir=a.data_dir, progress=not a.no_progress, fresh=a.fresh)
+def _resolve(a: argparse.Namespace) -> Any:
+    """The command's config: its defaults < the ``--config`` file < the flags given."""
+    from . import config
+
+    cls = _cmd(a.cmd)
+    d = config.read_file(a.config, cls.keys()) if a.config is not None else {}
+    d.update({k: getattr(a, k) for k in cls.keys() if hasattr(a, k)})
+    return cls.from_dict(d, where=a.config or "arguments")
+
+
+def _train_kw(c: Any, a: argparse.Namespace) -> dict[str, Any]:
+    return dict(epochs=c.epochs, eps=c.eps, lr=c.lr, steps=c.steps, batch_size=c.batch_size,
+                seed=c.seed, data_dir=c.data_dir, augment=c.augment, progress=not a.no_progress,
+                fresh=a.fresh, **c.fit_settings())
 
 
 def _train(a: argparse.Namespace) -> int:
     from .pipeline import commands
 
-    res = commands.train(dataset=a.dataset, model=a.model, width=a.width, method=a.train_method,
-                         out=a.out, **_train_kw(a))
-    print(f"saved {res['out']}")
+    c = _resolve(a)
+    res = commands.train(dataset=c.dataset, model=c.model, width=c.width, method=c.method,
+                         out=a.out, **_train_kw(c, a))
+    print(f"saved {res['out']} (config: {commands.config_path(res['out'])})")
     return 0
 
 
 def _prune(a: argparse.Namespace) -> int:
     from .pipeline import commands
 
-    res = commands.prune(checkpoint=a.checkpoint, method=a.prune_method, sparsity=a.sparsity,
-                         scope=a.scope, out=a.out, rounds=a.rounds, train_method=a.train_method,
-                         **_train_kw(a))
+    c = _resolve(a)
+    res = commands.prune(checkpoint=a.checkpoint, method=c.method, sparsity=c.sparsity,
+                         scope=c.scope, out=a.out, rounds=c.rounds, train_method=c.train_method,
+                         **_train_kw(c, a))
     print(f"saved {res['out']} (sparsity {res['sparsity']:.4f})")
     return 0
 
@@ -283,8 +335,9 @@ def _prune(a: argparse.Namespace) -> int:
 def _iwi(a: argparse.Namespace) -> int:
     from .pipeline import commands
 
-    res = commands.iwi(source=a.source, mode=a.mode, width=a.width, init=a.init, out=a.out,
-                       method=a.train_method, **_train_kw(a))
+    c = _resolve(a)
+    res = commands.iwi(source=a.source, mode=c.mode, width=c.width, init=c.init, out=a.out,
+                       method=c.method, **_train_kw(c, a))
     print(f"saved {res['out']} (width {res['width']:g})")
     return 0
 

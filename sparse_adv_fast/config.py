@@ -158,6 +158,16 @@ def checked(default: Any, func: Callable[[Any], Any], *, kind: str = "any",
     return _field(default, Check(kind, optional=optional, func=func), doc)
 
 
+def like(cls: Any, name: str, default: Any = _MISSING, doc: str = "") -> Any:
+    """A field with the check (and, unless given, the default) of ``cls``'s field ``name``:
+    a config that exposes another's setting shares its rule instead of restating it."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return _field(f.default if default is _MISSING else default,
+                          f.metadata.get(_CHECK, Check()), doc or f.metadata.get("doc", ""))
+    raise KeyError(name)
+
+
 def field_check(cls: Any, name: str) -> Check:
     """The :class:`Check` of field ``name`` of config class ``cls``."""
     for f in dataclasses.fields(cls):
@@ -240,7 +250,8 @@ YAML_SUFFIXES = (".yaml", ".yml")
 
 def read_file(path: str | os.PathLike[str], known: Iterable[str] | None = None) -> dict[str, Any]:
     """The mapping in a JSON or YAML file (YAML needs PyYAML), keys checked against
-    ``known``; every problem is one ValueError naming the file."""
+    ``known``; every problem is one ValueError naming the file. Keys starting with ``_``
+    (``"_comment"``) are notes and are dropped."""
     p = Path(path)
     if p.is_dir():
         raise IsADirectoryError(f"config {p} is a directory; give a .json or .yaml file")
@@ -258,6 +269,7 @@ def read_file(path: str | os.PathLike[str], known: Iterable[str] | None = None) 
     if not isinstance(d, dict):
         raise ValueError(f"{p}: a config file must hold a mapping of keys to values, got "
                          f"{type(d).__name__}")
+    d = {k: v for k, v in d.items() if not str(k).startswith("_")}  # "_comment": notes
     if known is not None:
         check_keys(d, known, str(p))
     return d
@@ -276,6 +288,7 @@ def _yaml(p: Path, body: str) -> Any:
 
 
 # ---- key=value overrides --------------------------------------------------------------------
+_NOUNS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
 
@@ -331,7 +344,7 @@ def coerce(tp: Any, text: str, name: str = "value") -> Any:
                 return json.loads(s)
             except json.JSONDecodeError:
                 pass
-    names = " or ".join(getattr(a, "__name__", str(a)) for a in _atoms(tp))
+    names = " or ".join(_NOUNS.get(a, getattr(a, "__name__", str(a))) for a in _atoms(tp))
     raise ValueError(f"{name}: expected {names}{' or null' if _nullable(tp) else ''}, "
                      f"got {text!r}")
 
@@ -398,5 +411,5 @@ def arg_type(cls: Any, name: str, check: Check | None = None) -> Callable[[str],
 
 __all__ = [
     "Check", "Config", "arg_type", "check_keys", "checked", "choice", "coerce", "field_check",
-    "flag", "integer", "load", "number", "parse_overrides", "read_file", "suggest", "text",
+    "flag", "integer", "like", "load", "number", "parse_overrides", "read_file", "suggest", "text",
 ]

@@ -55,9 +55,11 @@ def _lib(name: str) -> Any:
     return importlib.import_module(f"sparse_adv_fast.{name}")
 
 
-def _train_val(dataset: str, batch_size: int, data_dir: str | None, seed: int) -> tuple:
+def _train_val(dataset: str, batch_size: int, data_dir: str | None, seed: int,
+               augment: bool = False) -> tuple:
     train, val, _ = _lib("data").split_loaders(
-        dataset, val_size=VAL_FRACTION, batch_size=batch_size, data_dir=data_dir, seed=seed
+        dataset, val_size=VAL_FRACTION, batch_size=batch_size, data_dir=data_dir, seed=seed,
+        augment=augment,
     )
     return train, val
 
@@ -157,37 +159,76 @@ def _run(out: Path, settings: dict[str, Any], fresh: bool) -> Iterator[StageRunn
         folder.rmdir()  # only if empty: nothing but the run's own files is ever deleted
 
 
-def _fit_kw(method: str, epochs: int, lr: float, eps: float, steps: int,
-            progress: bool) -> dict[str, Any]:
-    return dict(method=method, epochs=epochs, lr=lr, eps=eps, steps=steps, progress=progress)
+def _fit_config(method: str, epochs: int, lr: float, eps: float, steps: int,
+                extra: dict[str, Any]) -> Any:
+    """The command's ``TrainConfig`` (checked before any work). The commands stop a run
+    that collapses (``collapse_check``) unless told otherwise."""
+    extra = {"collapse_check": True, **extra}
+    return _lib("train").TrainConfig(method=method, epochs=epochs, lr=lr, eps=eps,
+                                     steps=steps, **extra)
+
+
+def _extras(fit_settings: dict[str, Any], augment: bool) -> dict[str, Any]:
+    """The run-directory settings beyond the classic ones: only what differs from the
+    defaults, so the settings of a run without them (an older run dir) still match."""
+    defaults = _lib("train").TrainConfig()
+    out = {k: v for k, v in fit_settings.items()
+           if k != "collapse_check" and getattr(defaults, k) != v}
+    if augment:
+        out["augment"] = True
+    return out
+
+
+def config_path(out: str | os.PathLike[str]) -> Path:
+    """Where a command saves its resolved config beside ``out``: ``<out>.config.json``."""
+    return Path(f"{os.fspath(out)}.config.json")
+
+
+def _save_config(out: Path, settings: dict[str, Any], fit_cfg: Any) -> None:
+    """``<out>.config.json``: the resolved settings, the fit config, seed and versions."""
+    from .command_config import versions
+
+    rec = {"command": settings.get("command"), "settings": settings,
+           "fit": fit_cfg.as_dict() if fit_cfg is not None else None,
+           "seed": settings.get("seed"), "versions": versions()}
+    _lib("checkpoint").write_atomic(config_path(out), json.dumps(rec, indent=2) + "\n")
 
 
 # ---- train ----------------------------------------------------------------------------------
 def train(
     *, dataset: str, model: str, width: float, method: str, epochs: int, eps: float | None,
     lr: float, steps: int, batch_size: int, seed: int, data_dir: str | None, out: str,
-    progress: bool = True, fresh: bool = False,
+    progress: bool = True, fresh: bool = False, augment: bool | None = None,
+    **fit_settings: Any,
 ) -> dict[str, Any]:
-    """Build ``model`` for ``dataset``, train it with ``method``, save a model checkpoint.
+    """Build ``model`` for ``dataset``, train it with ``method``, save a model checkpoint
+    and its resolved config (``<out>.config.json``).
 
-    Resumable: rerun with the same arguments after an interruption (see the module doc).
+    ``fit_settings``: further ``TrainConfig`` fields (``momentum``, ``schedule``,
+    ``eps_warmup``, ...). ``augment``: crop + flip the training batches (default: cifar10
+    only). Resumable: rerun with the same arguments after an interruption (see the
+    module doc).
     """
     out_path = check_output_file(out)
     check_seed(seed)
     check_data_dir(dataset, data_dir)
     eps = eps_for(dataset, eps)
+    fit_cfg = _fit_config(method, epochs, lr, eps, steps, fit_settings)
+    augment = dataset == "cifar10" if augment is None else augment
     arch = modelio.arch_spec(model, dataset, width)
     seed_stage(seed, "init")
     net = modelio.build(arch)  # unknown model names fail here, before data is read
     settings = dict(command="train", arch=arch, method=method, epochs=epochs, eps=eps, lr=lr,
-                    steps=steps, batch_size=batch_size, seed=seed, data_dir=data_dir)
-    loaders = _train_val(dataset, batch_size, data_dir, seed)
+                    steps=steps, batch_size=batch_size, seed=seed, data_dir=data_dir,
+                    **_extras(fit_settings, augment))
+    loaders = _train_val(dataset, batch_size, data_dir, seed, augment)
     with _run(out_path, settings, fresh) as runner, runtime.threads_for(dataset):
         hist = fit_stage(net, loaders, seed=seed, stage="train",
                          checkpoint=runner.scratch("train"), where=str(out_path),
-                         **_fit_kw(method, epochs, lr, eps, steps, progress))
+                         config=fit_cfg, progress=progress)
         modelio.save_model(net, arch, out_path, method=method, eps=eps, epochs=epochs,
                            history=hist.as_dict())
+        _save_config(out_path, settings, fit_cfg)
     return {"out": str(out_path), "history": hist.as_dict()}
 
 
@@ -208,6 +249,7 @@ def prune(
     *, checkpoint: str, method: str, sparsity: float, scope: str, out: str, epochs: int,
     rounds: int, train_method: str, eps: float | None, lr: float, steps: int, batch_size: int,
     seed: int, data_dir: str | None, progress: bool = True, fresh: bool = False,
+    augment: bool | None = None, **fit_settings: Any,
 ) -> dict[str, Any]:
     """Prune a saved model; ``imp`` / ``hydra`` also train (``epochs`` per round / fine-tune).
 
@@ -215,6 +257,8 @@ def prune(
     weights as the rewind point: ``rounds`` rounds of train, prune, rewind, then the final
     ticket is trained. ``hydra`` learns scores for ``epochs`` epochs, then fine-tunes the
     weights as long. The training methods are resumable (see the module doc).
+    ``augment`` and ``fit_settings`` as for :func:`train`; the resolved config is saved in
+    ``<out>.config.json``.
     """
     if method not in PRUNE_METHODS:
         raise ValueError(f"unknown prune method {method!r}; choose one of {PRUNE_METHODS}")
@@ -230,15 +274,22 @@ def prune(
         else:
             net = p.random(net, sparsity, scope=scope,
                            generator=torch.Generator().manual_seed(seed))
-        return _save_pruned(net, arch, out_path, method, sparsity, scope)
+        res = _save_pruned(net, arch, out_path, method, sparsity, scope)
+        _save_config(out_path, dict(command="prune", checkpoint=_digest(checkpoint),
+                                    method=method, sparsity=sparsity, scope=scope, seed=seed),
+                     None)
+        return res
     check_data_dir(arch["dataset"], data_dir)
     eps = eps_for(arch["dataset"], eps)
+    fit_cfg = _fit_config(train_method, epochs, lr, eps, steps, fit_settings)
+    augment = arch["dataset"] == "cifar10" if augment is None else augment
     settings = dict(command="prune", checkpoint=_digest(checkpoint), method=method,
                     sparsity=sparsity, scope=scope, epochs=epochs, rounds=rounds,
                     train_method=train_method, eps=eps, lr=lr, steps=steps,
-                    batch_size=batch_size, seed=seed, data_dir=data_dir)
-    kw = _fit_kw(train_method, epochs, lr, eps, steps, progress)
-    loaders = _train_val(arch["dataset"], batch_size, data_dir, seed)
+                    batch_size=batch_size, seed=seed, data_dir=data_dir,
+                    **_extras(fit_settings, augment))
+    kw = dict(config=fit_cfg, progress=progress)
+    loaders = _train_val(arch["dataset"], batch_size, data_dir, seed, augment)
     with _run(out_path, settings, fresh) as runner, runtime.threads_for(arch["dataset"]):
         if method == "imp":
             net = _imp(net, runner, loaders, sparsity=sparsity, rounds=rounds, scope=scope,
@@ -248,7 +299,9 @@ def prune(
                          epochs=epochs, eps=eps, steps=steps, seed=seed, progress=progress)
         fit_stage(net, loaders, seed=seed, stage="finetune",
                   checkpoint=runner.scratch("finetune"), where=str(out_path), **kw)
-        return _save_pruned(net, arch, out_path, method, sparsity, scope)
+        res = _save_pruned(net, arch, out_path, method, sparsity, scope)
+        _save_config(out_path, settings, fit_cfg)
+        return res
 
 
 def _save_pruned(net: nn.Module, arch: dict[str, Any], out: Path, method: str,
@@ -294,13 +347,15 @@ def iwi(
     *, source: str, mode: str, width: float | None, init: str | None, out: str, epochs: int,
     method: str, eps: float | None, lr: float, steps: int, batch_size: int, seed: int,
     data_dir: str | None, progress: bool = True, fresh: bool = False,
+    augment: bool | None = None, **fit_settings: Any,
 ) -> dict[str, Any]:
     """Inverse Weights Inheritance from a saved source model, then adversarial training.
 
     ``ticket``: a dense model of the source's architecture and width; ``widen``: the same
     family at ``width`` (default twice the source's). ``init`` defaults to ``zero`` (ticket)
     and ``preserve`` (widen: the source's function, with trainable new units). Resumable
-    (see the module doc).
+    (see the module doc). ``augment`` and ``fit_settings`` as for :func:`train`; the
+    resolved config is saved in ``<out>.config.json``.
     """
     if mode not in IWI_MODES:
         raise ValueError(f"unknown IWI mode {mode!r}; choose one of {IWI_MODES}")
@@ -310,6 +365,8 @@ def iwi(
     sarch = blob["arch"]
     check_data_dir(sarch["dataset"], data_dir)
     eps = eps_for(sarch["dataset"], eps)
+    fit_cfg = _fit_config(method, epochs, lr, eps, steps, fit_settings)
+    augment = sarch["dataset"] == "cifar10" if augment is None else augment
     if mode == "ticket":
         if width is not None and width != sarch["width"]:
             raise ValueError(
@@ -327,14 +384,16 @@ def iwi(
     target = _lib("iwi").inherit(src, modelio.build(arch), mode=mode, init=init)
     settings = dict(command="iwi", source=_digest(source), mode=mode, width=width, init=init,
                     method=method, epochs=epochs, eps=eps, lr=lr, steps=steps,
-                    batch_size=batch_size, seed=seed, data_dir=data_dir)
-    loaders = _train_val(sarch["dataset"], batch_size, data_dir, seed)
+                    batch_size=batch_size, seed=seed, data_dir=data_dir,
+                    **_extras(fit_settings, augment))
+    loaders = _train_val(sarch["dataset"], batch_size, data_dir, seed, augment)
     with _run(out_path, settings, fresh) as runner, runtime.threads_for(sarch["dataset"]):
         hist = fit_stage(target, loaders, seed=seed, stage="iwi",
                          checkpoint=runner.scratch("iwi"), where=str(out_path),
-                         **_fit_kw(method, epochs, lr, eps, steps, progress))
+                         config=fit_cfg, progress=progress)
         modelio.save_model(target, arch, out_path, iwi_mode=mode, source=os.fspath(source),
                            history=hist.as_dict())
+        _save_config(out_path, settings, fit_cfg)
     return {"out": str(out_path), "width": width}
 
 

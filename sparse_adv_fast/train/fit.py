@@ -370,7 +370,8 @@ def _epoch(run: _Run, epoch: int, callback: Callable[[int, History], None] | Non
     run.history.epochs.append(record)
     run.emit(_fmt(record))
     if run.cfg.collapse_check:
-        collapse.check_chance(record["train_acc"], stats.seen, stats.classes, epoch)
+        collapse.check_chance(record["train_acc"], stats.seen, stats.classes, epoch,
+                              run.history.iterations)
     stopped = _overfitting(run, epoch, robust)
     _checkpoint(run, epoch, stopped)
     if callback is not None:
@@ -442,7 +443,7 @@ def _train_epoch(run: _Run, epoch: int) -> _EpochStats:
             bar.update(1)
             if h.iterations % _SYNC_EVERY == 0 or i == 0:
                 _check_loss(loss_sum, run.model, epoch, h.iterations)
-                if cfg.collapse_check:
+                if cfg.collapse_check and cfg.method != "natural" and cfg.eps > 0:
                     collapse.check_gradients(run.model, x, y, epoch, h.iterations)
                 bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}",
                                 acc=f"{int(correct) / seen:.3f}")
