@@ -323,3 +323,22 @@ def test_resparsified_layer_owns_its_weight_again():
     opt.step()
     assert torch.all(again.weight[~again.weight_mask] == 0)
 
+
+
+# ---- the native form kernels the cpp backend registers ------------------------------------
+@pytest.mark.skipif("cpp" not in cpu_backends(), reason="the cpp backend needs a C++ compiler")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_native_masking_and_csr_gather_match_torch(dtype, monkeypatch):
+    ext = backends.cpp.loader("masked_linear")._ext
+    w, mask = torch.randn(9, 40).to(dtype), torch.rand(9, 40) < 0.3
+    t = w.clone()
+    ext.zero_pruned_(t, mask)
+    assert torch.equal(t, w * mask)
+    if dtype == torch.float16:
+        return  # the CSR kernels take float32/float64 only
+    for index in (torch.int16, torch.int32):
+        rowptr, col = _cpp_ops._pattern(mask, index)
+        assert torch.equal(ext.csr_values(w, rowptr, col), w[mask])
+        monkeypatch.setattr(_cpp_ops, "_native", None)  # an older build without the kernels
+        assert torch.equal(_cpp_ops._values(w, rowptr, col), w[mask])
+        monkeypatch.undo()

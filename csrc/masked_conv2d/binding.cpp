@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include "../common/csr_binding.h"
+#include "../common/masked_forms.h"
 
 #include <cstdint>
 #include <vector>
@@ -201,6 +202,10 @@ at::Tensor cuda_grad_weight(const at::Tensor& gy_in, const at::Tensor& x_in,
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sparse_adv_fast masked_conv2d kernels";
+  m.def("zero_pruned_", &saf_common::zero_pruned_, "t[~mask] = 0 in place (CPU)",
+        py::arg("t"), py::arg("mask"));
+  m.def("csr_values", &saf_common::csr_values, "w2d values at the CSR positions (CPU)",
+        py::arg("w2d"), py::arg("rowptr"), py::arg("col"));
   m.def("conv_forward", &conv_forward, "direct sparse conv forward (CPU)", py::arg("x"),
         py::arg("rowptr"), py::arg("col"), py::arg("val"), py::arg("w_shape"), py::arg("bias"),
         py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("groups"));

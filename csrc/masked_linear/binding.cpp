@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include "../common/csr_binding.h"
+#include "../common/masked_forms.h"
 
 #include <cstdint>
 
@@ -184,6 +185,10 @@ at::Tensor cuda_grad_weight(const at::Tensor& gy2d, const at::Tensor& x2d,
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sparse_adv_fast masked_linear kernels";
+  m.def("zero_pruned_", &saf_common::zero_pruned_, "t[~mask] = 0 in place (CPU)",
+        py::arg("t"), py::arg("mask"));
+  m.def("csr_values", &saf_common::csr_values, "w2d values at the CSR positions (CPU)",
+        py::arg("w2d"), py::arg("rowptr"), py::arg("col"));
   m.def("spmm", &spmm, "y = x A^T + bias with A in CSR (CPU)", py::arg("x"), py::arg("rowptr"),
         py::arg("col"), py::arg("val"), py::arg("rows"), py::arg("bias") = py::none());
   m.def("spmm_t", &spmm_t, "gx = gy A with A in CSR (CPU), no transposed CSR", py::arg("gy"),

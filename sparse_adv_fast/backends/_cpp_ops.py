@@ -77,6 +77,28 @@ def _rows_t(t: Tensor, groups: int) -> Tensor:
     return t4.reshape(groups * cg, (oc // groups) * kk)
 
 
+_native: ModuleType | None = None
+
+
+def register_native(ext: ModuleType) -> None:
+    """Use ``ext``'s form kernels (``zero_pruned_``, ``csr_values``: both masked-op
+    extensions carry them) for the masked weight's CPU forms. Called when a cpp masked-op
+    extension loads; an older ahead-of-time build without them keeps the torch fallbacks."""
+    global _native
+    if hasattr(ext, "csr_values") and hasattr(ext, "zero_pruned_"):
+        _native = ext
+        _cache.register_zero_kernel("cpu", ext.zero_pruned_)
+
+
+def _values(w2d: Tensor, rowptr: Tensor, col: Tensor) -> Tensor:
+    """``w2d`` at the CSR's stored positions, in its order: one gather (a boolean index
+    would scan the whole mask again)."""
+    if _native is not None:
+        return _native.csr_values(w2d, rowptr, col)
+    rows = torch.repeat_interleave(torch.arange(w2d.shape[0]), rowptr.diff())
+    return w2d[rows, col.long()].contiguous()
+
+
 def csr(w: Tensor, mask: Tensor, index: torch.dtype = torch.int32
         ) -> tuple[Tensor, Tensor, Tensor]:
     """``(rowptr, col, val)`` of ``w ⊙ mask`` with rows = outputs, cached per version.
@@ -86,7 +108,7 @@ def csr(w: Tensor, mask: Tensor, index: torch.dtype = torch.int32
 
     def build() -> tuple[Tensor, Tensor, Tensor]:
         rowptr, col = pattern(mask, index)
-        return rowptr, col, w.detach().reshape(mask.shape[0], -1)[_rows(mask)].contiguous()
+        return rowptr, col, _values(w.detach().reshape(mask.shape[0], -1), rowptr, col)
 
     return _cache.get(w, mask, f"csr{_INDEX_TAG[index]}", build)
 
@@ -102,10 +124,9 @@ def csr_t(w: Tensor, mask: Tensor, groups: int = 1, flip: bool = False,
     """
 
     def build() -> tuple[Tensor, Tensor, Tensor]:
-        m, wd = (mask.flip(2, 3), w.detach().flip(2, 3)) if flip else (mask, w.detach())
-        mt = _rows_t(m, groups)
-        rowptr, col = _pattern(mt, index)
-        return rowptr, col, _rows_t(wd, groups)[mt].contiguous()
+        rowptr, col = pattern_t(mask, groups, flip, index)
+        wd = w.detach().flip(2, 3) if flip else w.detach()
+        return rowptr, col, _values(_rows_t(wd, groups), rowptr, col)
 
     return _cache.get(w, mask, f"csr_t{groups}{'f' if flip else ''}{_INDEX_TAG[index]}", build)
 
@@ -114,6 +135,18 @@ def pattern(mask: Tensor, index: torch.dtype = torch.int32) -> tuple[Tensor, Ten
     """CSR structure of ``mask`` (rows = outputs, ``index`` columns), cached per mask version."""
     return _cache.get(mask, mask, f"pattern{_INDEX_TAG[index]}",
                       lambda: _pattern(_rows(mask), index))
+
+
+def pattern_t(mask: Tensor, groups: int = 1, flip: bool = False,
+              index: torch.dtype = torch.int32) -> tuple[Tensor, Tensor]:
+    """CSR structure of the transposed mask as :func:`csr_t` lays it out, cached per mask
+    version (so a training step gathers the transposed values only)."""
+
+    def build() -> tuple[Tensor, Tensor]:
+        return _pattern(_rows_t(mask.flip(2, 3) if flip else mask, groups), index)
+
+    return _cache.get(mask, mask, f"pattern_t{groups}{'f' if flip else ''}{_INDEX_TAG[index]}",
+                      build)
 
 
 _INDEX_TAG = {torch.int32: "", torch.int16: "16"}
@@ -144,7 +177,7 @@ class LinearOps:
         if _use_sparse(x2d, mask, LINEAR_SPARSE_DENSITY):
             rowptr, col = pattern(mask, index_dtype(mask.shape[1]))
             return self._ext.sddmm(gy2d, x2d, rowptr, col)
-        return torch.mm(gy2d.t(), x2d).mul_(mask)
+        return _masked_grad(torch.mm(gy2d.t(), x2d), mask)
 
 
 class Conv2dOps:
@@ -186,7 +219,13 @@ class Conv2dOps:
             rowptr, col = pattern(mask, index_dtype(mask[0].numel()))
             return self._ext.conv_grad_weight(gy, x, rowptr, col, list(mask.shape), *conv)
         w_like = x.new_empty(mask.shape)  # only its shape is read
-        return _conv_backward(gy, x, w_like, conv, (False, True))[1].mul_(mask)
+        return _masked_grad(_conv_backward(gy, x, w_like, conv, (False, True))[1], mask)
+
+
+def _masked_grad(gw: Tensor, mask: Tensor) -> Tensor:
+    """The dense weight gradient with exact zeros at pruned positions, in place."""
+    _cache.zero_pruned_(gw, mask)
+    return gw
 
 
 def _conv_backward(gy: Tensor, x: Tensor, w: Tensor, conv: Conv, need: tuple[bool, bool]):
@@ -203,9 +242,12 @@ def wrap(op: str, ext: ModuleType) -> Any:
     """The contract namespace for ``op`` over its extension; the raw extension for ops this
     layer does not wrap (e.g. ``pgd_step``)."""
     cls = _WRAPPERS.get(op)
-    return ext if cls is None else cls(ext)
+    if cls is None:
+        return ext
+    register_native(ext)
+    return cls(ext)
 
 
 __all__ = ["CONV_GRAD_WEIGHT_SPARSE_DENSITY", "CONV_SPARSE_DENSITY", "LINEAR_SPARSE_DENSITY",
            "Conv2dOps", "LinearOps", "csr", "csr_t", "density", "index_dtype", "pattern",
-           "wrap"]
+           "pattern_t", "register_native", "wrap"]

@@ -39,6 +39,8 @@ _entries: dict[int, _Entry] = {}
 _frozen: dict[int, int] = {}
 # id(weight) -> (weight, mask) weakrefs of the masked layer that owns the weight.
 _owners: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+# device type -> native in-place zeroing kernel registered by a backend (see zero_pruned_).
+_zero_kernels: dict[str, Callable[[Tensor, Tensor], None]] = {}
 
 
 @dataclass
@@ -125,16 +127,28 @@ def all_kept(mask: Tensor) -> bool:
     return get(mask, mask, "all_kept", lambda: bool(mask.all()))
 
 
+def register_zero_kernel(device_type: str, kernel: Callable[[Tensor, Tensor], None]) -> None:
+    """Use ``kernel(t, mask)`` (``t *= mask`` in place for a contiguous ``t`` and contiguous
+    bool ``mask``) for :func:`zero_pruned_` on ``device_type``. A backend registers its
+    native kernel when it loads: torch's ``t.mul_(mask)`` first converts the whole mask to
+    the weight's dtype, which costs more than the multiply."""
+    _zero_kernels[device_type] = kernel
+
+
 def zero_pruned_(w: Tensor, mask: Tensor) -> None:
-    """Zero ``w`` in place where ``mask`` is False.
+    """Zero ``w`` in place where ``mask`` is False (``w *= mask``, as the oracle multiplies).
 
     Writes through ``w.data``, so the version is not bumped: a pending backward that saved
     ``w`` stays valid (it reads ``w`` only through the mask, and kept values are unchanged),
     and no masked form goes stale (pruned positions never enter one).
     """
-    if mask.numel() and not all_kept(mask):
-        # uint8 promotes to the weight's dtype on the vectorised path; bool does not
-        w.data.mul_(mask.view(torch.uint8))
+    if not mask.numel() or all_kept(mask):
+        return
+    kernel = _zero_kernels.get(w.device.type)
+    if kernel is not None and w.is_contiguous() and mask.is_contiguous():
+        kernel(w.data, mask)
+    else:
+        w.data.mul_(mask)
 
 
 def own(w: Tensor, mask: Tensor) -> None:
