@@ -14,6 +14,15 @@ from tests.test_attacks_pgd import binary_linear
 from tests.tolerances import assert_close
 
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models: intra-op threads only add contention on a shared CPU.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 @pytest.fixture(scope="module")
 def trained():
     """A tiny MLP trained for a few full-batch steps on 4 Gaussian blobs in [0, 1]^10."""
@@ -169,3 +178,72 @@ def test_evaluate_named_suites(trained):
         evaluate(model, [(x, y)], attacks=("deepfool",))
     with pytest.raises(ValueError, match="no batches"):
         evaluate(model, [], attacks=("fgsm",))
+
+
+# ---- APGD-T ----------------------------------------------------------------------------------
+def test_apgd_t_targets_are_the_top_non_true_classes(monkeypatch):
+    import importlib
+
+    apgd_mod = importlib.import_module("sparse_adv_fast.attacks.apgd")  # the module
+
+    z = torch.tensor([[1.0, 5.0, 3.0, 2.0, 0.0, 4.0]])
+    assert apgd_mod.top_targets(z, torch.tensor([1]), 9).tolist() == [[5, 2, 3, 0, 4]]
+    assert apgd_mod.top_targets(z, torch.tensor([2]), 2).tolist() == [[1, 5]]
+    # On a 10-class model every correctly classified sample is attacked towards its 9
+    # non-true classes, best-scoring first, the true label kept for the DLR numerator.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10))
+    x = torch.rand(6, 12)
+    with torch.no_grad():
+        logits = model(x)
+    y = logits.argmax(1)
+    seen = []
+    real = apgd_mod._run
+
+    def spy(model, b, **kw):
+        seen.append((b.y.clone(), b.y_true.clone(), b.restarts, kw["success"]))
+        return real(model, b, **kw)
+
+    monkeypatch.setattr(apgd_mod, "_run", spy)
+    apgd_mod.apgd_t(model, x, y, eps=1e-4, steps=2, targets_at_once=9)
+    (targets, y_true, reps, success), = seen
+    expected = logits.scatter(1, y[:, None], float("-inf")).argsort(1, descending=True)[:, :9]
+    assert reps == 9 and success == "untargeted"
+    assert torch.equal(targets.reshape(9, 6).t(), expected)  # restart-major rows
+    assert torch.equal(y_true, y.repeat(9))
+
+
+def test_apgd_t_agrees_with_torchattacks_apgdt():
+    torchattacks = pytest.importorskip("torchattacks")
+    from sparse_adv_fast.attacks import APGDT, apgd_t
+    from tests.test_autoattack import at_blobs
+
+    model, x, y = at_blobs()
+    x, y = x[:100], y[:100]
+    eps = 0.1
+    torch.manual_seed(0)
+    ours = apgd_t(model, x, y, eps=eps)
+    theirs = torchattacks.APGDT(model, norm="Linf", eps=eps, steps=100, n_restarts=1,
+                                n_classes=10, seed=0)(x, y)
+    with torch.no_grad():
+        a_ours = (model(ours).argmax(1) == y).float().mean().item()
+        a_theirs = (model(theirs).argmax(1) == y).float().mean().item()
+    assert float((ours - x).abs().max()) <= eps + 1e-6
+    assert 0.2 < a_theirs < 0.8
+    # Same algorithm, different random starts: 2 of 100 borderline samples may differ.
+    assert abs(a_ours - a_theirs) <= 2 / 100 + 1e-9
+    torch.manual_seed(3)
+    a = apgd_t(model, x[:8], y[:8], eps=eps, steps=5)
+    torch.manual_seed(3)
+    assert torch.equal(APGDT(model, eps=eps, steps=5)(x[:8], y[:8]), a)
+
+
+def test_apgd_eot_averages_several_passes():
+    model, _ = binary_linear()
+    calls = {"n": 0}
+    model.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
+    x, y = 0.3 + 0.4 * torch.rand(4, 12), torch.randint(0, 2, (4,))
+    apgd(model, x, y, eps=1e-4, steps=3, eot_iter=5)
+    assert calls["n"] == 1 + 5 * (3 + 1)  # label check + 5 passes per iterate
+    with pytest.raises(ValueError, match="eot_iter"):
+        apgd(model, x, y, eps=0.1, eot_iter=0)
