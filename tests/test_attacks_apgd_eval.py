@@ -14,7 +14,6 @@ from tests.test_attacks_pgd import binary_linear
 from tests.tolerances import assert_close
 
 
-
 @pytest.fixture(autouse=True)
 def _one_thread():
     # Tiny models: intra-op threads only add contention on a shared CPU.
