@@ -340,3 +340,53 @@ def test_info_explains_cached_choices(monkeypatch, _private_cache, capsys):
     assert str(_private_cache) in out
     assert "masked_linear/forward [8x32x40] density<=0.05" in out
     assert "-> cpp-sparse" in out and "2.00x torch" in out
+
+
+def test_sparse_kernels_are_not_timed_above_their_density_range(monkeypatch):
+    fake = FakeSparse()
+    fake.max_density = 0.5
+    _with_fake(monkeypatch, fake)
+    timer = FakeTimer(lambda key, name: 0.1 if name != "torch" else 1.0)
+    with _autotune.use_timer(timer):
+        _check_linear(*_linear_case(0.9))
+    assert fake.calls == [] and timer.keys[0].density == 1.0
+
+
+class ScriptedClock:
+    """perf_counter that advances only when a fake kernel 'runs' for a scripted time."""
+
+    def __init__(self, scripts):
+        self.now, self.scripts = 0.0, {k: list(v) for k, v in scripts.items()}
+
+    def __call__(self):
+        return self.now
+
+    def kernel(self, name):
+        def run():
+            self.now += self.scripts[name].pop(0) if len(self.scripts[name]) > 1 else \
+                self.scripts[name][0]
+        return run
+
+
+def test_default_timer_outlasts_stalls_of_a_noisy_machine(monkeypatch):
+    """Three stalled samples of the dense reference must not hand it to the sparse kernel:
+    rounds continue until each minimum is confirmed by a second sample."""
+    clock = ScriptedClock({"torch": [50.0, 40.0, 60.0, 1.0, 1.1, 1.0], "cpp-sparse": [2.0]})
+    monkeypatch.setattr(_autotune.time, "perf_counter", clock)
+    fns = {n: clock.kernel(n) for n in ("torch", "cpp-sparse")}
+    key = _autotune.make_key("masked_conv2d", "forward", (8, 16), 1.0, torch.float32,
+                             torch.device("cpu"))
+    times = _autotune.default_timer(key, fns)
+    assert times == {"torch": 1.0, "cpp-sparse": 2.0}
+    assert _autotune.rule(times) == "torch"
+    quiet = ScriptedClock({"torch": [1.0], "cpp-sparse": [3.0]})
+    monkeypatch.setattr(_autotune.time, "perf_counter", quiet)
+    calls = []
+
+    def counted(name):
+        run = quiet.kernel(name)
+        return lambda: (calls.append(name), run())
+
+    fns = {n: counted(n) for n in ("torch", "cpp-sparse")}
+    _autotune.default_timer(key, fns)
+    assert len(calls) == 2 * _autotune.REPS, "a quiet machine needs only the first rounds"

@@ -42,6 +42,7 @@ _ENV = "SPARSE_ADV_FAST_BACKEND"
 _log = logging.getLogger("sparse_adv_fast")
 _forced: str | None = None
 _warned: set[tuple[str, str]] = set()
+_env_seen: tuple[str, str] = ("", "auto")  # (raw SPARSE_ADV_FAST_BACKEND, parsed)
 _resolved: dict[tuple[str, str, str, bool], tuple[str, Any]] = {}
 _chosen: dict[_autotune.Key, str] = {}  # auto's decisions in this process
 _candidates_memo: dict[tuple[str, str], dict[str, Any]] = {}
@@ -81,10 +82,14 @@ def using(name: str) -> Iterator[None]:
 
 def current() -> str:
     """The forced backend name, or ``"auto"``."""
+    global _env_seen
     if _forced is not None:
         return _forced
-    env = os.environ.get(_ENV, "").strip()
-    return _check_name(env) if env else "auto"
+    raw = os.environ.get(_ENV, "")
+    if raw != _env_seen[0]:  # parse once per value: ops ask on every call
+        env = raw.strip()
+        _env_seen = (raw, _check_name(env) if env else "auto")
+    return _env_seen[1]
 
 
 def _reason(name: str, device: torch.device | None = None) -> str | None:
@@ -231,9 +236,20 @@ def _scope(w: Tensor | None) -> str:
     ``-`` for calls that read no weight."""
     if w is None:
         return "-"
-    from ..ops import _cache
+    return "frozen" if id(w) in _frozen_ids() else "eager"
 
-    return "frozen" if id(w) in _cache._frozen else "eager"
+
+_frozen_table: dict[int, int] | None = None
+
+
+def _frozen_ids() -> dict[int, int]:
+    """``ops._cache``'s table of frozen weights (imported on first use: ops import us)."""
+    global _frozen_table
+    if _frozen_table is None:
+        from ..ops import _cache
+
+        _frozen_table = _cache._frozen
+    return _frozen_table
 
 
 def _records() -> dict[str, Any]:
@@ -248,8 +264,14 @@ class _Auto:
     """``auto``'s namespace for one op on one device: each contract function (``forward``,
     ``grad_input``, ...) looks up, or measures, the implementation for its call signature."""
 
+    # Calls seen, by a tuple that is cheap to build: exact shape, the mask by identity and
+    # version (its density is not recomputed), dtype, threads and scope. A stale hit after a
+    # mask's id is reused can only cost speed: every candidate computes the same result.
+    FAST_LIMIT = 4096
+
     def __init__(self, op: str, device: torch.device, reference: Any, describe: Describe) -> None:
         self.op, self.device, self.reference, self.describe = op, device, reference, describe
+        self._fast: dict[tuple, Callable[..., Any]] = {}
 
     def __getattr__(self, direction: str) -> Callable[..., Any]:
         if direction.startswith("_") or not hasattr(self.reference, direction):
@@ -268,6 +290,13 @@ class _Auto:
         impl = _candidates(self.op, self.device).get(name)
         return None if impl is None else getattr(impl, direction, None)
 
+    def _admissible(self, name: str, key: _autotune.Key) -> bool:
+        """Whether ``name`` may serve ``key``: a sparse kernel only within its density range
+        (``max_density``), also when a cache file written by older code says otherwise."""
+        impl = _candidates(self.op, self.device).get(name)
+        limit = getattr(impl, "max_density", None)
+        return limit is None or key.density is None or key.density <= limit
+
     def _static(self, direction: str) -> Callable[..., Any]:
         _, impl = resolve(self.op, self.device)  # auto mode: the static rule
         return getattr(impl if impl is not None else self.reference, direction)
@@ -277,25 +306,34 @@ class _Auto:
         if not _autotune.enabled():
             return self._static(direction)
         call = self.describe(direction, args)
+        mask, scope = call.mask, _scope(call.weight)
+        fast = (direction, call.shape, call.dtype, torch.get_num_threads(), scope,
+                None if mask is None else (id(mask), mask._version))
+        fn = self._fast.get(fast)
+        if fn is not None:
+            return fn
         if call.shape and call.shape[0] == 0:  # nothing to time, and every kernel's edge case
             return getattr(self.reference, direction)
-        mask = call.mask
         density = None if mask is None or mask.numel() == 0 else _density(mask)
         key = _autotune.make_key(self.op, direction, call.shape, density, call.dtype,
-                                 self.device, _scope(call.weight))
+                                 self.device, scope)
         name = _chosen.get(key)
         if name is None:
             name = self._decide(key, direction, args, call.scratch)
             if name is None:
-                return self._static(direction)
-        fn = self._fn(name, direction)
-        return fn if fn is not None else getattr(self.reference, direction)
+                return self._static(direction)  # not remembered: measured when it can be
+        fn = self._fn(name, direction) or getattr(self.reference, direction)
+        if len(self._fast) >= self.FAST_LIMIT:
+            self._fast.clear()
+        self._fast[fast] = fn
+        return fn
 
     def _decide(self, key: _autotune.Key, direction: str, args: tuple,
                 scratch: Callable[[], tuple] | None) -> str | None:
         text = key.text()
         rec = _records().get(text)
-        if rec is not None and self._fn(rec["choice"], direction) is not None:
+        if rec is not None and self._admissible(rec["choice"], key) \
+                and self._fn(rec["choice"], direction) is not None:
             _chosen[key] = rec["choice"]
             return rec["choice"]
         if not _autotune.can_measure(args):
@@ -305,7 +343,7 @@ class _Auto:
         fns = {_autotune.REFERENCE: getattr(self.reference, direction)}
         for name, impl in _candidates(self.op, self.device).items():
             fn = getattr(impl, direction, None)
-            if fn is not None:
+            if fn is not None and self._admissible(name, key):
                 fns[name] = fn
         choice = _autotune.measure(key, {n: _bind(f, args) for n, f in fns.items()})
         _chosen[key] = choice.name

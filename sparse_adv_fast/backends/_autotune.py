@@ -46,12 +46,17 @@ REFERENCE = "torch"
 # A non-reference candidate must be at least this much faster than the reference: two or
 # three timed reps on a shared machine jitter by a few percent, and a tie must go to torch.
 MARGIN = 0.05
-WARMUP, REPS, MAX_REPS = 1, 3, 6
-# After REPS rounds, rounds continue (up to MAX_REPS) while the two fastest are this close.
+WARMUP, REPS, MAX_REPS = 1, 3, 10
+# After REPS rounds, rounds continue (up to MAX_REPS) while the two fastest are this close,
+# or while some candidate's minimum is not confirmed by a second sample within CONFIRM of
+# it: on a shared CPU a descheduled OpenMP thread stalls a kernel for a scheduler quantum,
+# and three stalled samples in a row made a dense conv look slower than the CSR one.
 CLOSE = 1.25
+CONFIRM = 1.2
 # Upper edges of the density buckets (kept fraction); a density falls in the first edge >=.
 DENSITY_EDGES = (0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0)
-FORMAT = 1
+# 2: timings with confirmed minima (format-1 files were timed with three rounds only).
+FORMAT = 2
 
 _log = logging.getLogger("sparse_adv_fast")
 
@@ -99,9 +104,17 @@ class Choice(NamedTuple):
     skipped: dict[str, str]
 
 
+_enabled_seen: tuple[str | None, bool] = (None, True)
+
+
 def enabled() -> bool:
     """False when ``SPARSE_ADV_FAST_AUTOTUNE`` is ``0`` / ``false`` / ``off`` / ``no``."""
-    return os.environ.get(ENV_AUTOTUNE, "1").strip().lower() not in ("0", "false", "off", "no")
+    global _enabled_seen
+    raw = os.environ.get(ENV_AUTOTUNE)
+    if raw != _enabled_seen[0]:  # parsed once per value: asked on every op call
+        on = (raw or "1").strip().lower() not in ("0", "false", "off", "no")
+        _enabled_seen = (raw, on)
+    return _enabled_seen[1]
 
 
 def density_bucket(density: float) -> float:
@@ -166,24 +179,33 @@ def _close(best: Mapping[str, float]) -> bool:
     return len(top) == 2 and top[1] < top[0] * CLOSE
 
 
+def _confirmed(samples: list[float]) -> bool:
+    """The minimum is seen twice (within :data:`CONFIRM`): it is the kernel, not luck."""
+    s = sorted(samples)
+    return len(s) >= 2 and s[1] <= s[0] * CONFIRM
+
+
 def default_timer(key: Key, fns: Mapping[str, Callable[[], Any]]) -> dict[str, float]:
     """Min over interleaved rounds (A B A B ...) of each candidate's time: :data:`REPS`
-    rounds, more (up to :data:`MAX_REPS`) while the two fastest are within :data:`CLOSE`.
+    rounds, more (up to :data:`MAX_REPS`) while the two fastest are within :data:`CLOSE`
+    or a minimum is not yet confirmed by a second sample.
 
     Interleaving spreads a noisy neighbour's load over every candidate instead of one; the
-    extra rounds are spent only where the decision is close.
+    extra rounds are spent only where the decision is close or the machine is noisy.
     """
-    best = dict.fromkeys(fns, math.inf)
-    rounds = 0
-    while rounds < REPS or (rounds < MAX_REPS and _close(best)):
-        rounds += 1
+    samples: dict[str, list[float]] = {n: [] for n in fns}
+    for rounds in range(1, MAX_REPS + 1):
         for name, fn in fns.items():
             _sync(key)
             t0 = time.perf_counter()
             fn()
             _sync(key)
-            best[name] = min(best[name], time.perf_counter() - t0)
-    return best
+            samples[name].append(time.perf_counter() - t0)
+        best = {n: min(v) for n, v in samples.items()}
+        settled = all(_confirmed(v) for v in samples.values()) and not _close(best)
+        if rounds >= REPS and settled:
+            break
+    return {n: min(v) if v else math.inf for n, v in samples.items()}
 
 
 _timer: Timer = default_timer
@@ -298,8 +320,10 @@ def read(path: Path | None = None) -> dict[str, dict]:
         _warn_once(path, "read", f"sparse_adv_fast: ignoring unreadable dispatch cache {path} "
                                  f"({e}); it will be rewritten")
         return {}
-    ok = isinstance(data, dict) and data.get("format") == FORMAT
-    choices = data.get("choices") if ok else None
+    if isinstance(data, dict) and isinstance(data.get("format"), int) \
+            and data["format"] != FORMAT:
+        return {}  # another version's measurements: measured again, silently
+    choices = data.get("choices") if isinstance(data, dict) else None
     if not isinstance(choices, dict):
         _warn_once(path, "read", f"sparse_adv_fast: ignoring dispatch cache {path} of an "
                                  "unknown layout; it will be rewritten")

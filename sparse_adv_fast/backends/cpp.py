@@ -53,8 +53,16 @@ def _check_sparse(t: Tensor, mask: Tensor) -> None:
         raise ValueError("the cpp sparse kernels need a non-empty weight")
 
 
+# Above this density ``auto`` does not time the CSR kernels: they would do more than half
+# the dense MACs through index gathers, which never beats oneDNN/BLAS, and on a noisy machine
+# a mistimed dense reference could otherwise hand a dense layer to them.
+MAX_DENSITY = 0.5
+
+
 class SparseLinear:
     """``masked_linear`` on the CSR kernels at any density (contract of ops/masked_linear)."""
+
+    max_density = MAX_DENSITY
 
     def __init__(self, ext: ModuleType) -> None:
         self._ext = ext
@@ -86,6 +94,8 @@ class SparseLinear:
 
 class SparseConv2d:
     """``masked_conv2d`` on the direct sparse kernels at any density."""
+
+    max_density = MAX_DENSITY
 
     def __init__(self, ext: ModuleType) -> None:
         self._ext = ext
