@@ -60,34 +60,38 @@ def test_identity_leaves_out_run_settings() -> None:
 
 
 BAD = [
-    (["arms=dense_at,bogus"], r"^unknown arm 'bogus'; choose from"),
-    (["arms=random"], r"^arm 'random' starts from the tuned prefix of arm 'imp'; add 'imp'"),
+    (["arms=dense_at,bogus"], r"^config: unknown arm 'bogus'; choose from"),
+    (["arms=random"],
+     r"^config: arm 'random' starts from the tuned prefix of arm 'imp'; add 'imp'"),
     (["arms=dense_at,dense_at"], r"more than once"),
     (["imp_rounds=2", "sparsity=0.8"],
-     r"^unreachable pruning schedule: 2 IMP rounds at rate 0.2 reach sparsity 0.3600, below "
-     r"the target 0.8; use imp_rounds=8"),
+     r"^config: unreachable pruning schedule: 2 IMP rounds at rate 0.2 reach sparsity "
+     r"0.3600, below the target 0.8; use imp_rounds=8"),
     (["imp_rounds=5", "sparsity=0.5"], r"IMP round 5 would prune nothing; use imp_rounds=4"),
-    (["budget_epochs=3"], r"^budget too small for the rounds: budget_epochs=3 cannot hold 4 IMP"),
+    (["budget_epochs=3"],
+     r"^config: budget too small for the rounds: budget_epochs=3 cannot hold 4 IMP"),
     (["budget_epochs=12"], r"does not split into 5 equal segments .*use 10 or 15"),
-    (["iwi_ticket_source=dense_at"], r"^incompatible IWI pair: iwi_ticket needs a sparse source"),
-    (["iwi_ticket_source=iwi_widen"], r"^incompatible IWI pair: .*not a pruning arm"),
+    (["iwi_ticket_source=dense_at"],
+     r"^config: incompatible IWI pair: iwi_ticket needs a sparse source"),
+    (["iwi_ticket_source=iwi_widen"], r"^config: incompatible IWI pair: .*not a pruning arm"),
     (["iwi_widen_source=large_scratch"],
-     r"^incompatible IWI pair: iwi_widen needs a base-width source .*already 2x wide"),
+     r"^config: incompatible IWI pair: iwi_widen needs a base-width source .*already 2x wide"),
     (["arms=dense_at,iwi_widen,imp", "iwi_widen_source=imp"], None),  # a valid pair
-    (["arms=dense_at,iwi_ticket"], r"^arm 'iwi_ticket' starts from the tuned prefix of arm 'imp'"),
+    (["arms=dense_at,iwi_ticket"],
+     r"^config: arm 'iwi_ticket' starts from the tuned prefix of arm 'imp'"),
     (["epochs=3"], r"^override: unknown config key 'epochs'; did you mean 'start_epochs'\?"),
     (["lr_gird.at=0.1"], r"unknown config key 'lr_gird'; did you mean 'lr_grid'"),
-    (["lr_grid.bogus=0.1"], r"^lr_grid: unknown family 'bogus'"),
+    (["lr_grid.bogus=0.1"], r"^config: lr_grid: unknown family 'bogus'"),
     (["lr_grid.at=[]"], r"lr_grid\['at'\] must be a non-empty list"),
-    (["lr_grid.at=-0.1"], r"lr_grid\['at'\] entry must be a number > 0"),
-    (["eval_attacks=pgdx"], r"^eval_attacks: evaluate: unknown attack 'pgdx'"),
+    (["lr_grid.at=-0.1"], r"lr_grid\['at'\] entry must be > 0"),
+    (["eval_attacks=pgdx"], r"^config: eval_attacks: evaluate: unknown attack 'pgdx'"),
     (["seeds=[0,0]"], r"seeds must be distinct"),
     (["seeds=[]"], r"seeds must be a non-empty list"),
-    (["imp_rate=1.0"], r"imp_rate must be a number in \(0, 1\)"),
+    (["imp_rate=1.0"], r"imp_rate must be in \(0, 1\)"),
     (["widen=1"], r"widen must be an int >= 2"),
-    (["dataset=svhn"], r"dataset must be one of"),
+    (["dataset=svhn"], r"unknown dataset 'svhn'; choose one of"),
     (["hydra_loss=trades"], r"hydra_loss='trades' is not available"),
-    (["backend=fast"], r"backend must be one of"),
+    (["backend=fast"], r"unknown backend 'fast'; choose one of"),
     (["noequals"], r"is not of the form key=value"),
     (["eps.x=1"], r"only lr_grid has sub-keys"),
 ]
@@ -110,16 +114,15 @@ def test_unknown_key_in_a_file_names_the_file(tmp_path: Path) -> None:
         sc.load(f)
 
 
-@pytest.mark.parametrize(("name", "text", "message"), [
-    ("c.yaml", "seeds: [0]", "study configs are JSON files"),
-    ("c.json", "{not json", "not valid JSON"),
-    ("c.json", "[1, 2]", "must be a JSON object"),
+@pytest.mark.parametrize(("text", "message"), [
+    ("{not json", "not valid JSON"), ("[1, 2]", "must hold a mapping"),
+    ('{"seeds": [0, 0]}', "seeds must be distinct"),
 ])
-def test_bad_files(tmp_path: Path, name: str, text: str, message: str) -> None:
-    (tmp_path / name).write_text(text)
+def test_bad_files(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / "c.json").write_text(text)
     with pytest.raises(ValueError, match=message):
-        sc.load(tmp_path / name)
-    with pytest.raises(ValueError, match="does not exist"):
+        sc.load(tmp_path / "c.json")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         sc.load(tmp_path / "missing.json")
 
 
