@@ -18,6 +18,15 @@ def _torch_backend():
     backends.use("torch")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models: intra-op threads only add contention on a shared CPU.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _linear(w, b) -> nn.Linear:
     m = nn.Linear(len(w[0]), len(w)).double()
     with torch.no_grad():
@@ -139,3 +148,88 @@ def test_bad_arguments(kwargs, exc, match):
     args = {"y": torch.zeros(4, dtype=torch.long), **kwargs}
     with pytest.raises(exc, match=match):
         robustness_report(model, torch.rand(4, 3), args.pop("y"), **args)
+
+
+# ---- first-order radius over all classes (Hein & Andriushchenko 2017) ---------------------
+def test_radius_takes_the_nearest_class_boundary_not_the_runner_up():
+    # logits on x = [1, 0.2]: class 0 -> 1.0, class 1 -> 0.9 (runner-up, far in gradient
+    # terms), class 2 -> 0.8 with a large gradient difference.
+    #   j = 1: (1.0 - 0.9) / ||[1, 0] - [0, 4.5]||_1 = 0.1 / 5.5 = 0.01818
+    #   j = 2: (1.0 - 0.8) / ||[1, 0] - [0, -20]||_1 = 0.2 / 21 = 0.00952  <- the minimum
+    model = _linear([[1.0, 0.0], [0.0, 4.5], [0.0, -20.0]], [0.0, 0.0, 4.8])
+    x = torch.tensor([[1.0, 0.2]], dtype=torch.float64)
+    y = torch.tensor([0])
+    assert model(x)[0].tolist() == pytest.approx([1.0, 0.9, 0.8])
+    r = saf.metrics.first_order_radii(model, x, y)
+    assert float(r) == pytest.approx(0.2 / 21)
+    rep = robustness_report(model, x, y)
+    assert rep["first_order_radius"]["mean"] == pytest.approx(0.2 / 21)
+    assert rep["mean_margin"] == pytest.approx(0.1)  # the margin is still the runner-up's
+    # Exact for a linear model: just inside the radius nothing flips; just beyond, class 2
+    # wins (step along sign(w_2 - w_0) = [-1, -1]).
+    d = torch.tensor([[-1.0, -1.0]], dtype=torch.float64)
+    with torch.no_grad():
+        assert model(x + d * float(r) * (1 - 1e-6)).argmax(1).item() == 0
+        assert model(x + d * float(r) * (1 + 1e-6)).argmax(1).item() == 2
+    l2 = saf.metrics.first_order_radii(model, x, y, norm="l2")
+    assert float(l2) == pytest.approx(min(0.1 / (1 + 4.5 ** 2) ** 0.5, 0.2 / (1 + 400) ** 0.5))
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_radius_equals_the_minimal_perturbation_of_a_linear_model(norm):
+    torch.manual_seed(0)
+    model = nn.Linear(8, 5).double()
+    with torch.no_grad():  # class boundaries pass near the centre of the box
+        model.bias.copy_(-model.weight.sum(1) * 0.5 + 0.1 * torch.randn(5).double())
+    x = 0.45 + 0.1 * torch.rand(12, 8, dtype=torch.float64)
+    y = model(x).argmax(1)
+    res = saf.metrics.radius_vs_minimal_perturbation(model, x, y, norm=norm)
+    assert res["n"] == 12
+    r, m = torch.tensor(res["radius"]), torch.tensor(res["minimal"])
+    assert float(r.max()) < 0.4  # no box effect, so the radius is the exact optimum
+    assert bool((m >= r * (1 - 1e-9)).all())  # FAB cannot beat the exact optimum
+    assert torch.allclose(m, r, rtol=1e-2)  # and finds it, to FAB's overshoot
+    assert res["pearson"] > 0.99 and res["spearman"] > 0.95
+
+
+def test_radius_correlates_with_fab_on_a_nonlinear_model():
+    torch.manual_seed(0)
+    c, d, n = 4, 10, 80
+    centers = 0.3 + 0.4 * torch.rand(c, d)
+    y = torch.arange(n) % c
+    x = (centers[y] + 0.15 * torch.randn(n, d)).clamp(0, 1)
+    model = nn.Sequential(nn.Linear(d, 32), nn.Tanh(), nn.Linear(32, c))
+    opt = torch.optim.Adam(model.parameters(), 2e-2)
+    for _ in range(80):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    res = saf.metrics.radius_vs_minimal_perturbation(model, x[:40], y[:40], steps=50)
+    assert res["n"] >= 30 and len(res["radius"]) == len(res["minimal"]) == res["n"]
+    assert res["spearman"] > 0.6 and res["pearson"] > 0.6
+    # A first-order estimate, not a bound, but on a smooth model it is the right scale.
+    assert 0.5 < res["mean_ratio"] < 2.0
+
+
+def test_mixed_train_eval_modes_are_restored_exactly():
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.ReLU(),
+                          nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.2)), nn.Linear(8, 3))
+    model.train()
+    model[1].eval()  # frozen BN statistics, the rest training
+    model[4][1].eval()
+    model[5].weight.requires_grad_(False)
+    before = [m.training for m in model.modules()]
+    flags = [p.requires_grad for p in model.parameters()]
+    x, y = torch.rand(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    seen = {}
+
+    def atk(xx, yy):
+        seen["modes"] = [m.training for m in model.modules()]
+        return xx
+
+    robustness_report(model, x, y, eps=0.1, attack=atk)
+    assert [m.training for m in model.modules()] == before
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert seen["modes"] == before  # the caller's attack sees the model as the caller left it
+    saf.metrics.first_order_radii(model, x, y)
+    assert [m.training for m in model.modules()] == before
