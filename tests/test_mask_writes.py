@@ -246,15 +246,17 @@ def test_attack_sees_weights_rewound_through_data(path, scoped):
         assert_close(model(x_adv), oracle(x_adv))
 
 
-def test_attack_builds_each_form_once_not_per_step(path):
-    """Inside the scope an attack runs in, PGD-10 over unchanged weights builds each form
-    once, as PGD-1 does: the repeated forwards and backwards do no mask work."""
+@pytest.mark.parametrize("explicit", [False, True], ids=["attack_mode", "explicit_scope"])
+def test_attack_builds_each_form_once_not_per_step(path, explicit):
+    """Inside the scope an attack runs in (its own attack_mode, or an explicit
+    :func:`_cache.frozen` around it), PGD-10 over unchanged weights builds each form once,
+    as PGD-1 does: the repeated forwards and backwards do no mask work."""
     model = _model(torch.float32)
     x, y = torch.rand(4, 1, 6, 6), torch.randint(0, 4, (4,))
 
     def builds(steps: int) -> dict[str, int]:
         _cache.stats.reset()
-        with _cache.frozen(model):
+        with _cache.frozen(model) if explicit else contextlib.nullcontext():
             saf.attacks.pgd(model, x, y, eps=0.1, alpha=0.03, steps=steps)
         return dict(_cache.stats.by_kind)
 
