@@ -345,6 +345,9 @@ class _Auto:
             fn = getattr(impl, direction, None)
             if fn is not None and self._admissible(name, key):
                 fns[name] = fn
+        if len(fns) == 1:  # nothing to compare: no timing, and nothing worth writing down
+            _chosen[key] = _autotune.REFERENCE
+            return _autotune.REFERENCE
         choice = _autotune.measure(key, {n: _bind(f, args) for n, f in fns.items()})
         _chosen[key] = choice.name
         rec = _autotune.record(key, choice)
