@@ -226,7 +226,7 @@ def test_csr_cache_built_once_per_weight_version(monkeypatch):
     monkeypatch.setattr(_cpp_ops, "LINEAR_SPARSE_DENSITY", 0.5)
     w, x = torch.randn(16, 12), torch.randn(4, 12)
     mask = _mask(w.shape, 0.2, "cpu")
-    with backends.using("cpp"):
+    with backends.using("cpp"), _cache.frozen([w]):  # forms are reused within a scope only
         y1 = masked_linear(x, w, mask)
         first = _cpp_ops.csr(w, mask)
         masked_linear(x, w, mask)

@@ -148,5 +148,9 @@ def variants(op: str) -> dict[str, Any]:
     if out is None:
         cls = _SPARSE.get(op)
         ext = _build.load(op, "cpp")
+        if cls is not None:  # native mask kernels, also when the forced-cpp loader never ran
+            from ._cpp_ops import register_native
+
+            register_native(ext)
         out = _variants[op] = {"cpp": ext} if cls is None else {"cpp-sparse": cls(ext)}
     return out

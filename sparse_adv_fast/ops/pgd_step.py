@@ -57,7 +57,7 @@ def step(
 def random_init(x: Tensor, noise: Tensor, eps: float, norm: str, lo: float, hi: float) -> Tensor:
     if norm == "linf":
         return torch.clamp(x + eps * noise, lo, hi)
-    b, d = x.shape[0], x[0].numel()
+    b, d = x.shape[0], math.prod(x.shape[1:])
     noise = noise.reshape(b, d + 1)
     direction, u = noise[:, :d], noise[:, d].abs().clamp(max=1.0)
     radius = eps * u.pow(1.0 / d)
@@ -154,7 +154,7 @@ def random_start(
         noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         noise = noise.mul_(2).sub_(1)
     else:
-        b, d = x.shape[0], x[0].numel()
+        b, d = x.shape[0], math.prod(x.shape[1:])
         noise = torch.randn((b, d + 1), generator=generator, device=x.device, dtype=x.dtype)
         noise[:, d] = torch.rand(b, generator=generator, device=x.device, dtype=x.dtype)
     return _impl(x.device).random_init(x, noise, float(eps), norm, lo, hi)
