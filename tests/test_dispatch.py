@@ -349,7 +349,7 @@ def test_sparse_kernels_are_not_timed_above_their_density_range(monkeypatch):
     timer = FakeTimer(lambda key, name: 0.1 if name != "torch" else 1.0)
     with _autotune.use_timer(timer):
         _check_linear(*_linear_case(0.9))
-    assert fake.calls == [] and timer.keys[0].density == 1.0
+    assert fake.calls == [] and timer.keys == []  # torch alone remains: nothing to time
 
 
 class ScriptedClock:
