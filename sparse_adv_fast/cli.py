@@ -1,7 +1,8 @@
 """``sparse-adv-fast`` (also ``python -m sparse_adv_fast``): argument parsing and dispatch.
 
-Subcommands: ``demo`` (the resumable end-to-end pipeline), ``train``, ``prune``, ``iwi``,
-``eval``, ``bench`` and ``info``. The work lives in :mod:`sparse_adv_fast.pipeline`.
+Subcommands: ``study`` (the resumable controlled study), ``demo`` (the study's small
+default), ``train``, ``prune``, ``iwi``, ``eval``, ``bench`` and ``info``. The work lives in
+:mod:`sparse_adv_fast.pipeline`.
 Errors are one line on stderr, never a traceback (``--debug`` shows it instead), with one
 meaning per exit status:
 
@@ -12,8 +13,8 @@ meaning per exit status:
 * 1: running failed: training diverged (the last finished epoch's checkpoint is kept), a
   write failed (disk full: earlier files are kept), the output is locked by another run, a
   run directory is unusable;
-* 130: interrupted (``train`` / ``prune`` / ``iwi`` / ``demo``: rerun the same command to
-  resume).
+* 130: interrupted (``train`` / ``prune`` / ``iwi`` / ``study`` / ``demo``: rerun the same
+  command to resume).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from typing import Any, NoReturn
 
 PROG = "sparse-adv-fast"
 DATASETS = ("digits", "mnist", "cifar10")
-MODELS = ("small_cnn", "mlp", "vgg16", "resnet18")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -60,16 +60,6 @@ _nonneg_int = _number(int, lambda v: v >= 0, *["expected an integer >= 0"] * 2)
 _positive_float = _number(float, lambda v: v > 0, *["expected a positive number"] * 2)
 _eps = _number(float, lambda v: 0.0 <= v <= 1.0, "eps must be a number",
                "eps must be in [0, 1] (inputs are in [0, 1])")
-
-
-def _sparsities(text: str) -> tuple[float, ...]:
-    parts = [p for p in text.split(",") if p.strip()]
-    if not parts:
-        raise argparse.ArgumentTypeError("sparsities must be a comma-separated list, e.g. 0.5,0.8")
-    sp = tuple(_sparsity(p.strip()) for p in parts)
-    if any(b <= a for a, b in zip(sp, sp[1:], strict=False)):
-        raise argparse.ArgumentTypeError(f"sparsities must be strictly increasing, got {text}")
-    return sp
 
 
 def _checked(check: Any) -> Any:
@@ -181,6 +171,26 @@ def _common_train(p: argparse.ArgumentParser, cmd: str, *, method_key: str = "me
     p.set_defaults(resumable=True)
 
 
+def _study_args(p: argparse.ArgumentParser, *, out: str, config: bool) -> None:
+    """The arguments ``study`` and ``demo`` share; ``config``: a CONFIG file in front
+    (``study``; the demo is the default config)."""
+    if config:
+        p.add_argument("config", nargs="?", default=None, metavar="CONFIG",
+                       help="study config file, JSON or YAML (default: the built-in defaults "
+                       "= configs/study/default.json); the first argument without '='")
+    p.add_argument("overrides", nargs="*", default=[], metavar="key=value",
+                   help="config overrides, applied last: seeds=0,1,2 arms=dense_at,imp "
+                   "eps=0.2 lr_grid.at=0.05,0.1 workers=1 ... (keys: the config's fields)")
+    p.add_argument("--quick", action="store_true",
+                   help="the quick preset (configs/study/quick.json): 1 seed, 1 learning rate "
+                   "per family, tiny budgets, about 1 minute on 2 CPU cores")
+    p.add_argument("--out", default=out, help="output directory (default: %(default)s)")
+    p.add_argument("--fresh", action="store_true",
+                   help="discard the finished jobs of an earlier run in --out, start over")
+    p.add_argument("--no-progress", action="store_true", help="no progress messages")
+    p.set_defaults(resumable=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``sparse-adv-fast`` argument parser (one subparser per command)."""
     parser = _Parser(
@@ -192,25 +202,37 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     d = sub.add_parser(
-        "demo", help="end-to-end, resumable: PGD-AT, IMP tickets, IWI, robustness table",
-        description="PGD-AT of a small CNN, IMP with rewinding to each sparsity, IWI (ticket "
-        "and 2x widen), then a robustness table, results.json/.md and plots in --out. Rerun "
-        "the same command to resume an interrupted run.",
+        "demo", help="the controlled study's small default (= study with the default config)",
+        description="The controlled study with its default config on digits (= "
+        f"`{PROG} study`): every arm (dense AT, one-shot, IMP with rewinding, random and "
+        "re-init controls, natural-prune-then-AT, HYDRA, the 2x network from scratch, IWI "
+        "ticket and widen) with equal training budgets, learning rates tuned on validation, 3 "
+        "paired seeds; prints the table and a verdict per claim, writes results.json/.md, "
+        "plots and config.json to --out. About 10 minutes on 2 CPU cores; --quick: 1 seed "
+        "and tiny budgets, about 1 minute. Rerun the same command to resume.",
     )
-    d.add_argument("--quick", action="store_true", help="tiny settings (~20 s on 2 CPU cores)")
-    d.add_argument("--out", default="saf_out", help="output directory (default: %(default)s)")
-    d.add_argument("--fresh", action="store_true", help="discard finished stages, start over")
-    d.add_argument("--epochs", type=_positive_int, default=None,
-                   help="dense training epochs (each retraining: half of it)")
-    d.add_argument("--sparsities", type=_sparsities, default=(0.5, 0.8, 0.9),
-                   help="IMP targets, comma-separated, increasing, each in [0, 1)")
-    d.add_argument("--method", choices=("pgd", "trades", "fgsm_rs"), default="pgd")
-    d.add_argument("--seed", type=_seed, default=0, help="random seed, in [0, 2**32)")
-    d.add_argument("--dataset", choices=DATASETS, default="digits")
+    _study_args(d, out="saf_out", config=False)
+    d.add_argument("--seed", type=_seed, default=None,
+                   help="first seed: the seeds become S, S+1, S+2 (S alone with --quick; "
+                   "default: 0, 1, 2)")
+    d.add_argument("--dataset", choices=DATASETS, default=None,
+                   help="shorthand for dataset=... (default: digits)")
     d.add_argument("--data-dir", default=None, help="folder with mnist / cifar10 files")
     d.add_argument("--eps", type=_eps, default=None, help="L-inf radius (default per dataset)")
-    d.add_argument("--no-progress", action="store_true", help="no progress bars")
-    d.set_defaults(func=_demo, resumable=True)
+    d.add_argument("--method", choices=("pgd", "trades", "fgsm_rs"), default=None,
+                   help="adversarial training loss of every arm (default: pgd)")
+    d.set_defaults(func=_study, config=None)
+
+    s = sub.add_parser(
+        "study", help="controlled study: arms with equal budgets, seeds, intervals, verdicts",
+        description="Run (or resume) the controlled study of CONFIG (JSON / YAML; none: the "
+        "defaults, as configs/study/default.json) with key=value overrides (e.g. seeds=0,1 "
+        "arms=dense_at,imp lr_grid.at=0.05,0.1). The config is validated before any work. "
+        "Prints the table and the verdicts; writes results.json/.md, study_*.png, "
+        "config.json, timing.json and stages/ to --out. Rerun the same command to resume.",
+    )
+    _study_args(s, out="saf_study", config=True)
+    s.set_defaults(func=_study, seed=None, dataset=None, data_dir=None, eps=None, method=None)
 
     t = sub.add_parser("train", help="train a model, save a checkpoint")
     _option(t, _cmd("train"), "dataset")
@@ -250,7 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="clean and robust accuracy of a saved model (JSON)")
     e.add_argument("checkpoint")
     e.add_argument("--attacks", type=_suites, default=("pgd20x5", "apgd"),
-                   help="comma-separated suites: pgd10, pgd20x5, pgd<k>x<r>, fgsm, apgd")
+                   help="comma-separated suites: pgd10, pgd20x5, pgd<k>x<r>, fgsm, apgd, "
+                   "apgd-ce, apgd-dlr, autoattack (APGD-CE, APGD-T, FAB-T, Square; worst "
+                   "case per sample), autoattack-rand (EOT, for randomised models)")
     e.add_argument("--eps", type=_eps, default=None, help="L-inf radius (default per dataset)")
     e.add_argument("--max-batches", type=_positive_int, default=None)
     e.add_argument("--batch-size", type=_positive_int, default=128)
@@ -277,21 +301,41 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---- dispatch -------------------------------------------------------------------------------
-def _demo(a: argparse.Namespace) -> int:
-    from .pipeline import demo, report
+def _study_config(a: argparse.Namespace) -> Any:
+    """The study config of ``study`` / ``demo``: defaults < CONFIG < the ``--quick`` preset <
+    the demo's shorthand flags < ``key=value`` overrides; ``--seed S`` then shifts the seeds
+    to S, S+1, ... (as many as the config has). Validated here, before any work."""
+    from .pipeline import study_config
+
+    items = ([a.config] if a.config is not None else []) + list(a.overrides)
+    paths = [i for i in items if "=" not in i]
+    if paths and a.cmd == "demo":
+        raise ValueError(f"demo takes no CONFIG (it is the default study), got {paths[0]!r}; "
+                         f"use `{PROG} study CONFIG` or key=value overrides")
+    if len(paths) > 1:
+        raise ValueError(f"more than one CONFIG given ({', '.join(map(repr, paths))}); "
+                         "overrides are key=value")
+    shorthand = {k: getattr(a, k) for k in ("dataset", "data_dir", "eps", "method")
+                 if getattr(a, k) is not None}
+    overrides = study_config.parse_overrides([i for i in items if "=" in i])
+    cfg = study_config.load(paths[0] if paths else None, {**shorthand, **overrides},
+                            quick=a.quick)
+    if a.seed is not None:
+        cfg = cfg.replace(seeds=tuple(a.seed + i for i in range(len(cfg.seeds))))
+    return cfg
+
+
+def _study(a: argparse.Namespace) -> int:
+    from .pipeline import study, study_report
     from .pipeline.commands import check_data_dir
 
-    check_data_dir(a.dataset, a.data_dir)
-    cfg = demo.DemoConfig.make(
-        quick=a.quick, dataset=a.dataset, data_dir=a.data_dir, epochs=a.epochs,
-        sparsities=a.sparsities, method=a.method, seed=a.seed, eps=a.eps,
-    )
-    results = demo.run_demo(cfg, a.out, fresh=a.fresh, progress=not a.no_progress)
-    print(report.table(results))
+    cfg = _study_config(a)
+    check_data_dir(cfg.dataset, cfg.data_dir)
+    results = study.run_study(cfg, a.out, fresh=a.fresh, progress=not a.no_progress)
+    print(study_report.table(results))
     print()
-    print(report.legend(results))
-    print(f"\nwrote {a.out}/results.json, results.md, accuracy_vs_sparsity.png, "
-          "radius_vs_sparsity.png")
+    print(study_report.claims_section(results))
+    print(f"\nwrote {', '.join(study.OUTPUTS)} and stages/ (one file per job) in {a.out}")
     return 0
 
 
@@ -385,10 +429,22 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """``argv`` parsed by :func:`build_parser`; usage errors exit with status 2."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # argparse fills the key=value positionals from their first run only: later ones,
+        # after an option (`study cfg.json --quick seeds=0`), come back here as extras.
+        if not hasattr(args, "overrides") or any(e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``sparse-adv-fast``; returns the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     prog = f"{PROG} {args.cmd}"
     try:
         return int(args.func(args) or 0)

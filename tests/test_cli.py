@@ -14,7 +14,7 @@ import sparse_adv_fast as saf
 from sparse_adv_fast import cli
 from sparse_adv_fast.pipeline import commands, modelio
 
-COMMANDS = ("demo", "train", "prune", "iwi", "eval", "bench", "info")
+COMMANDS = ("demo", "study", "train", "prune", "iwi", "eval", "bench", "info")
 
 
 @pytest.fixture(autouse=True)
@@ -44,8 +44,8 @@ def test_every_command_has_help(capsys, cmd):
     "argv, words",
     [
         (["train", "--dataset", "imagenet"], "invalid choice: 'imagenet'"),
-        (["demo", "--sparsities", "0.5,1.0"], "sparsity must be in [0, 1), got 1.0"),
-        (["demo", "--sparsities", "0.8,0.5"], "strictly increasing"),
+        (["demo", "--method", "sgd"], "invalid choice: 'sgd'"),
+        (["demo", "--eps", "2"], "eps must be in [0, 1]"),
         (["prune", "m.pt", "--sparsity", "-0.1"], "sparsity must be in [0, 1)"),
         (["prune", "m.pt", "--sparsity", "abc"], "sparsity must be a number"),
         (["train", "--epochs", "0"], "expected a positive integer"),
@@ -66,9 +66,18 @@ def test_missing_data_dir_exits_2_before_any_work(capsys, tmp_path):
                       "--out", str(tmp_path / "m.pt"))
     assert rc == 2 and str(missing) in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "m.pt").exists()
-    rc, _, err = _run(capsys, "demo", "--dataset", "cifar10", "--data-dir", str(missing),
-                      "--out", str(tmp_path / "o"))
-    assert rc == 2 and "does not exist" in err and not (tmp_path / "o").exists()
+    for argv in (["demo", "--dataset", "cifar10", "--data-dir", str(missing)],
+                 ["study", "dataset=cifar10", f"data_dir={missing}"]):
+        rc, _, err = _run(capsys, *argv, "--out", str(tmp_path / "o"))
+        assert rc == 2 and "does not exist" in err and not (tmp_path / "o").exists()
+
+
+def test_eval_attacks_take_every_suite_of_the_evaluator():
+    from sparse_adv_fast.attacks.evaluate import SUITES
+
+    ns = cli.parse_args(["eval", "m.pt", "--attacks", "AutoAttack, autoattack-rand,pgd7x2"])
+    assert ns.attacks == ("autoattack", "autoattack-rand", "pgd7x2")
+    assert cli.parse_args(["eval", "m.pt", "--attacks", ",".join(SUITES)]).attacks == SUITES
 
 
 def test_module_entry_point_prints_no_traceback(tmp_path):

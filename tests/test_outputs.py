@@ -131,7 +131,8 @@ def test_unwritable_outputs_fail_before_any_work(capsys, tmp_path, model_file, n
     for argv in (["train", "--out", tmp_path / "m2.pt"],
                  ["prune", model_file, "--method", "imp", "--out", tmp_path / "p.pt"],
                  ["eval", model_file, "--json", tmp_path / "r.json"],
-                 ["demo", "--quick", "--out", tmp_path / "run"]):
+                 ["demo", "--quick", "--out", tmp_path / "run"],
+                 ["study", "--out", tmp_path / "run"]):
         rc, _, err = _run(capsys, *argv)
         assert rc == 2 and _one_line_error(err) and "cannot create files" in err, argv
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
@@ -208,8 +209,9 @@ def test_full_disk_at_the_final_save_keeps_the_earlier_model_and_the_run(capsys,
 
 
 def test_stage_results_and_plots_are_written_through_the_one_helper(tmp_path, monkeypatch):
-    from sparse_adv_fast.pipeline import plots, report
+    from sparse_adv_fast.pipeline import plots, study, study_report
     from sparse_adv_fast.pipeline.stages import StageRunner
+    from sparse_adv_fast.pipeline.study_config import StudyConfig
 
     written = []
     real = checkpoint.write_atomic
@@ -219,18 +221,17 @@ def test_stage_results_and_plots_are_written_through_the_one_helper(tmp_path, mo
         return real(path, content)
 
     monkeypatch.setattr(checkpoint, "write_atomic", spy)
-    monkeypatch.setattr(report, "write_atomic", spy)
+    monkeypatch.setattr(study_report, "write_atomic", spy)
     monkeypatch.setattr(plots, "write_atomic", spy)
     r = StageRunner(tmp_path, config={"a": 1}, log=lambda m: None)
     r.run("s1", lambda: 1)
-    rows = [report.make_row("dense", {
-        "sparsity": 0.0, "clean": 0.9, "robust": {"pgd10": 0.5}, "worst_case": 0.5, "n": 10,
-        "params": 1, "metrics": {"first_order_radius": {"median": 0.1, "mean": 0.1}}})]
-    res = report.results_dict({"eps": 0.1, "model": "m", "dataset": "digits", "method": "pgd",
-                               "train_steps": 1, "epochs": 1, "retrain_epochs": 1,
-                               "rewind_at": 1, "widen": 2, "iwi_lr": 0.1, "lr": 0.1},
-                              rows, ran=[], skipped=[], seconds=0.0)
-    report.write_all(res, tmp_path)
-    plots.write_all(res, tmp_path)
-    assert written == ["run.json", "s1.pt", "results.json", "results.md",
-                       *plots.PLOTS]
+    # A one-arm, one-seed study's results from made-up job summaries (nothing trained).
+    cfg = StudyConfig(arms=("dense_at",), seeds=(0,), lr_grid={"at": (0.1,)})
+    summary = {"arm": "dense_at", "seed": 0, "lr": 0.1, "steps": 30, "sparsity": 0.0,
+               "val": {"worst_case": 0.5, "clean": 0.9}, "ledger": [{"phase": "x", "steps": 30}],
+               "params": 10, "test": {"clean": 0.9, "worst_case": 0.5, "robust": {}, "n": 10}}
+    res = study.aggregate(cfg, study.budget_plan(cfg, 3),
+                          {study.train_key("dense_at", 0, 0.1): summary,
+                           study.result_key("dense_at", 0): summary})
+    study_report.write_all(res, tmp_path)
+    assert written == ["run.json", "s1.pt", "results.json", "results.md", *study_report.PLOTS]

@@ -1,20 +1,16 @@
-"""The resumable stage runner, model checkpoints, the report and the demo end to end."""
+"""The resumable stage runner, model checkpoints, per-stage seeds, and the training commands
+killed and resumed. (The study's own resume identity, at a job boundary and mid-job, is in
+``tests/test_study.py``; its command line in ``tests/test_cli_study.py``.)"""
 
 from __future__ import annotations
-
-import json
-import math
 
 import pytest
 import torch
 
 import sparse_adv_fast as saf
 from sparse_adv_fast import cli
-from sparse_adv_fast.pipeline import modelio, plots, report
-from sparse_adv_fast.pipeline.demo import DemoConfig, imp_name
+from sparse_adv_fast.pipeline import modelio
 from sparse_adv_fast.pipeline.stages import StageError, StageRunner
-
-PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(autouse=True)
@@ -135,124 +131,6 @@ def test_non_model_checkpoint_is_rejected(tmp_path):
         modelio.from_blob({"state_dict": {}}, where="checkpoint 'x.pt'")
 
 
-# ---- report and plots -----------------------------------------------------------------------
-def _fake_results():
-    rows = [
-        report.make_row(name, {
-            "sparsity": sp, "clean": 0.9 - sp / 10, "robust": {"pgd20x5": 0.5, "apgd-ce": 0.4},
-            "worst_case": 0.4, "n": 100, "params": 10,
-            "metrics": {"first_order_radius": {"median": 0.05 + sp / 100, "mean": 0.06}},
-        })
-        for name, sp in [("dense", 0.0), ("imp_50", 0.5), ("iwi_ticket", 0.0),
-                         ("iwi_widen2x", 0.1)]
-    ]
-    cfg = DemoConfig.make().as_dict()
-    return report.results_dict(cfg, rows, ran=[], skipped=[], seconds=1.0)
-
-
-def test_markdown_table_has_every_row_and_explains_columns():
-    md = report.markdown(_fake_results())
-    lines = md.splitlines()
-    header = next(line for line in lines if line.startswith("| model"))
-    assert "pgd20x5 %" in header and "apgd-ce %" in header and "worst case %" in header
-    assert sum(line.startswith("| ") for line in lines) == 2 + 4 - 1  # header + 4 rows
-    assert "| IMP ticket 50% | 50.0 | 85.0 | 50.0 | 40.0 | 40.0 | 0.0550 |" in md
-    for words in ("test split", "eps = 0.1", "fraction of exactly-zero weights",
-                  "margin divided by the dual norm"):
-        assert words in md
-
-
-def test_plots_are_png_files(tmp_path):
-    paths = plots.write_all(_fake_results(), tmp_path)
-    assert [p.name for p in paths] == list(plots.PLOTS)
-    for p in paths:
-        assert p.read_bytes()[:8] == PNG
-
-
-def test_demo_config_validates_and_names_rows():
-    c = DemoConfig.make(quick=True, sparsities=(0.5, 0.875))
-    assert c.row_names() == ["dense", "imp_50", "imp_87.5", "iwi_ticket", "iwi_widen2x"]
-    assert imp_name(0.9) == "imp_90"
-    with pytest.raises(ValueError, match=r"in \[0, 1\)"):
-        DemoConfig.make(sparsities=(0.5, 1.0))
-    with pytest.raises(ValueError, match="strictly increasing"):
-        DemoConfig.make(sparsities=(0.8, 0.5))
-    with pytest.raises(ValueError, match="method"):
-        DemoConfig.make(method="sgd")
-
-
-# ---- the demo, end to end -------------------------------------------------------------------
-def _demo(out, *extra, epochs="2"):
-    # --quick with 2 dense epochs (1 per retraining) keeps this test's CPU time down.
-    return cli.main(["demo", "--quick", "--epochs", epochs, "--out", str(out), "--no-progress",
-                     *extra])
-
-
-@pytest.mark.slow
-def test_demo_quick_end_to_end_resumes_and_restarts(tmp_path, capsys):
-    out = tmp_path / "run"
-    assert _demo(out) == 0
-    first = capsys.readouterr()
-    assert "| model" in first.out  # the table is printed
-    res = json.loads((out / "results.json").read_text())
-    cfg = DemoConfig.make(quick=True, epochs=2)
-    assert [r["model"] for r in res["rows"]] == cfg.row_names()
-    for r in res["rows"]:
-        for v in (r["clean"], r["worst_case"], r["sparsity"], *r["robust"].values()):
-            assert 0.0 <= v <= 1.0, r
-        assert r["worst_case"] <= min(r["robust"].values()) <= r["clean"]
-        assert math.isfinite(r["first_order_radius_median"])
-    by = {r["model"]: r for r in res["rows"]}
-    for s in cfg.sparsities:  # each ticket reaches its target sparsity (to rounding)
-        assert by[imp_name(s)]["sparsity"] == pytest.approx(s, abs=0.01)
-    assert by["dense"]["sparsity"] < 0.01 and by["iwi_ticket"]["sparsity"] < 0.5
-    assert by["dense"]["clean"] > 0.4  # it learned something (chance is 0.1)
-    md = (out / "results.md").read_text()
-    assert "first-order robustness radius" in md
-    for p in plots.PLOTS:
-        assert (out / p).read_bytes()[:8] == PNG
-    stages = sorted(p.name for p in (out / "stages").glob("*.pt"))
-    assert "dense.pt" in stages and not [s for s in stages if "partial" in s]
-
-    # Rerunning resumes: every stage is loaded, nothing is retrained, same table.
-    mtimes = {p: p.stat().st_mtime_ns for p in (out / "stages").glob("*.pt")}
-    assert _demo(out) == 0
-    second = capsys.readouterr()
-    res2 = json.loads((out / "results.json").read_text())
-    assert res2["stages_ran"] == [] and set(res2["stages_skipped"]) == set(res["stages_ran"])
-    assert "stage dense: done earlier, skipped" in second.err
-    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
-    assert res2["rows"] == res["rows"]
-
-    # A stage deleted (as if killed before it finished) is the only one redone.
-    (out / "stages" / "eval_iwi_ticket.pt").unlink()
-    assert _demo(out) == 0
-    capsys.readouterr()
-    res3 = json.loads((out / "results.json").read_text())
-    assert res3["stages_ran"] == ["eval_iwi_ticket"]
-    assert res3["rows"] == res["rows"]  # stage seeds make the redone stage identical
-
-    # A corrupt stage file: exit 1, one line naming the file.
-    bad = out / "stages" / "imp_80.pt"
-    bad.write_bytes(b"not a checkpoint")
-    assert _demo(out) == 1
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    last = err.strip().splitlines()[-1]  # after the stage log lines
-    assert last.startswith("sparse-adv-fast demo: error: stage file ")
-    assert "imp_80.pt is corrupt" in last
-
-    # Other settings in the same dir are refused; --fresh starts over (a short run: one
-    # sparsity, one epoch, so the old imp_80 / imp_90 files must be gone afterwards).
-    assert _demo(out, "--sparsities", "0.5", epochs="1") == 1
-    assert "other settings" in capsys.readouterr().err
-    assert _demo(out, "--fresh", "--sparsities", "0.5", epochs="1") == 0
-    res4 = json.loads((out / "results.json").read_text())
-    assert res4["stages_skipped"] == []
-    assert [r["model"] for r in res4["rows"]] == ["dense", "imp_50", "iwi_ticket", "iwi_widen2x"]
-    assert not (out / "stages" / "imp_80.pt").exists()
-
-
 # ---- per-stage random state and resume identity ---------------------------------------------
 def test_stage_seeds_are_distinct_per_seed_and_stage_and_checked():
     from sparse_adv_fast.pipeline.stages import check_seed, stage_seed
@@ -281,22 +159,6 @@ def test_seed_stage_reseeds_the_loader_generator_whatever_it_drew_before():
     assert [b.tolist() for b in loader] != first
 
 
-def _tiny_demo_cfg():
-    import dataclasses
-
-    c = DemoConfig.make(quick=True, epochs=2, sparsities=(0.5,))
-    return dataclasses.replace(c, train_subset=320, val_size=64, eval_subset=64,
-                               metrics_samples=32, eval_attacks=("pgd10",), train_steps=1,
-                               rewind_at=2, batch_size=64)
-
-
-def _comparable(out):
-    res = json.loads((out / "results.json").read_text())
-    for k in ("seconds", "stages_ran", "stages_skipped"):
-        res.pop(k)
-    return res
-
-
 def _interrupt_fit(monkeypatch, stage, *, after_epoch=None):
     """Make ``saf.train.fit`` raise KeyboardInterrupt in the fit writing ``<stage>.partial.pt``:
     at its start (``after_epoch=None``: killed in the first epoch, nothing saved) or after
@@ -319,45 +181,6 @@ def _interrupt_fit(monkeypatch, stage, *, after_epoch=None):
 
     monkeypatch.setattr(saf.train, "fit", fit)
     return fired
-
-
-@pytest.mark.slow
-def test_demo_resumed_anywhere_gives_the_uninterrupted_results(tmp_path, monkeypatch):
-    from sparse_adv_fast.pipeline import demo
-
-    cfg = _tiny_demo_cfg()
-    demo.run_demo(cfg, tmp_path / "straight", progress=False)
-    want = _comparable(tmp_path / "straight")
-
-    def boundary(out):  # after stage dense: the next stage never started
-        def stop(*a, **k):
-            raise KeyboardInterrupt
-
-        with monkeypatch.context() as m:
-            m.setattr(demo.Demo, "stage_imp", stop)
-            with pytest.raises(KeyboardInterrupt):
-                demo.run_demo(cfg, out, progress=False)
-        assert sorted(p.name for p in (out / "stages").glob("*.pt")) == ["dense.pt"]
-
-    def first_epoch(out):  # inside imp_50 before its first epoch finished
-        with monkeypatch.context() as m:
-            fired = _interrupt_fit(m, "imp_50")
-            with pytest.raises(KeyboardInterrupt):
-                demo.run_demo(cfg, out, progress=False)
-        assert fired and not (out / "stages" / "imp_50.partial.pt").exists()
-
-    def mid_stage(out):  # dense after its first of two epochs
-        with monkeypatch.context() as m:
-            fired = _interrupt_fit(m, "dense", after_epoch=1)
-            with pytest.raises(KeyboardInterrupt):
-                demo.run_demo(cfg, out, progress=False)
-        assert fired and (out / "stages" / "dense.partial.pt").exists()
-
-    for kill in (boundary, first_epoch, mid_stage):
-        out = tmp_path / kill.__name__
-        kill(out)
-        demo.run_demo(cfg, out, progress=False)  # the same process resumes
-        assert _comparable(out) == want, kill.__name__
 
 
 TINY = ["--epochs", "2", "--batch-size", "256", "--no-progress"]

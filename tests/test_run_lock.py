@@ -130,21 +130,24 @@ def test_lock_held_by_a_killed_process_is_freed(tmp_path):
 
 
 # ---- commands honour it -----------------------------------------------------------------------
-def test_demo_into_a_locked_dir_fails_at_once_and_fresh_deletes_nothing(tmp_path, capsys):
+@pytest.mark.parametrize("cmd", ["demo", "study"])
+def test_a_study_into_a_locked_dir_fails_at_once_and_fresh_deletes_nothing(tmp_path, capsys,
+                                                                           cmd):
     out = tmp_path / "run"
     (out / "stages").mkdir(parents=True)
     (out / "stages" / "run.json").write_text("{}")
-    (out / "stages" / "dense.pt").write_bytes(b"a finished stage of the running demo")
+    (out / "stages" / "start.s0.w1.pt").write_bytes(b"a finished job of the running study")
     with RunLock(out):
         for extra in ([], ["--fresh"]):
             t0 = time.perf_counter()
-            rc, _, err = _run(capsys, "demo", "--quick", "--out", str(out), "--no-progress",
+            rc, _, err = _run(capsys, cmd, "--quick", "--out", str(out), "--no-progress",
                               *extra)
             assert time.perf_counter() - t0 < 10  # refused before any training
             assert rc == 1 and len(err.strip().splitlines()) == 1
             assert "is in use by another run" in err and f"pid {os.getpid()}" in err
-    assert (out / "stages" / "dense.pt").read_bytes() == b"a finished stage of the running demo"
-    assert not (out / "results.json").exists()
+    assert (out / "stages" / "start.s0.w1.pt").read_bytes() == (
+        b"a finished job of the running study")
+    assert sorted(p.name for p in out.rglob("*")) == ["run.json", "stages", "start.s0.w1.pt"]
 
 
 def test_train_into_a_locked_out_fails_at_once(tmp_path, capsys):

@@ -31,19 +31,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..attacks.evaluate import SUITES
 from ..checkpoint import CheckpointError
 from ..finite import check_finite
 from . import modelio, runtime
-from .demo import DEFAULT_EPS
 from .lock import RunLock
 from .outputs import check_output_file
 from .stages import StageRunner, check_seed, fit_stage, seed_stage
+from .study_config import DEFAULT_EPS
 
 TRAIN_METHODS = ("natural", "pgd", "trades", "fgsm_rs")
 PRUNE_METHODS = ("magnitude", "imp", "hydra", "random")
 IWI_MODES = ("ticket", "widen")
-EVAL_SUITES = ("pgd10", "pgd20x5", "fgsm", "apgd", "apgd-ce", "apgd-dlr")
 _PGD = re.compile(r"^pgd[1-9][0-9]*(x[1-9][0-9]*)?$")
+# The evaluator's own names (autoattack and autoattack-rand included): eval accepts every
+# suite saf.train.evaluate runs, as they land there.
+EVAL_SUITES = SUITES
 _SUITE = re.compile(r"^[a-z0-9_]+$")
 
 # Held out of the training split for validation (the catastrophic-overfitting check):

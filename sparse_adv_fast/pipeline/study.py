@@ -39,11 +39,16 @@ import torch
 from ..checkpoint import write_atomic
 from . import arms as A
 from . import runtime, stats
+from .lock import RunLock
+from .outputs import check_output_dir
 from .stages import StageRunner
 from .study_config import StudyConfig
+from .study_report import PLOTS
 from .study_tasks import JOBS, Ctx
 
 FORMAT = "sparse_adv_fast.study/1"
+# The files a run writes into its directory, besides stages/ (see the module docstring).
+OUTPUTS = ("results.json", "results.md", *PLOTS, "config.json", "timing.json")
 METRIC = "worst_case"
 
 
@@ -404,11 +409,15 @@ def run_study(config: StudyConfig | Mapping[str, Any], out_dir: str | os.PathLik
 
     ``config`` is a :class:`StudyConfig` or a dict of its fields (validated before any work).
     ``fresh`` deletes the job results of an earlier run in ``out_dir``; without it, a run in
-    a directory holding a study with other settings is a ``StageError``.
+    a directory holding a study with other settings is a ``StageError``. ``out_dir`` is
+    checked writable (:func:`~.outputs.check_output_dir`) and locked for the run: a second
+    run into it (also with ``fresh``) raises :class:`~.lock.RunLockedError` at once.
     """
     cfg = config if isinstance(config, StudyConfig) else StudyConfig.from_dict(config)
-    return Study(cfg, out_dir, fresh=fresh, progress=progress).run()
+    out = check_output_dir(out_dir)
+    with RunLock(out):  # taken before --fresh deletes anything
+        return Study(cfg, out, fresh=fresh, progress=progress).run()
 
 
-__all__ = ["FORMAT", "Graph", "Job", "Study", "aggregate", "budget_plan", "result_key",
+__all__ = ["FORMAT", "OUTPUTS", "Graph", "Job", "Study", "aggregate", "budget_plan", "result_key",
            "run_study", "select", "start_key", "train_key", "versions"]
