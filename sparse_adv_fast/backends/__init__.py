@@ -236,20 +236,9 @@ def _scope(w: Tensor | None) -> str:
     ``-`` for calls that read no weight."""
     if w is None:
         return "-"
-    return "frozen" if id(w) in _frozen_ids() else "eager"
+    from ..ops import _cache  # imported here: the ops import this module
 
-
-_frozen_table: dict[int, int] | None = None
-
-
-def _frozen_ids() -> dict[int, int]:
-    """``ops._cache``'s table of frozen weights (imported on first use: ops import us)."""
-    global _frozen_table
-    if _frozen_table is None:
-        from ..ops import _cache
-
-        _frozen_table = _cache._frozen
-    return _frozen_table
+    return "frozen" if _cache.is_frozen(w) else "eager"
 
 
 def _records() -> dict[str, Any]:

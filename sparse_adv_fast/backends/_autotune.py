@@ -31,7 +31,6 @@ import logging
 import math
 import os
 import platform
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -331,19 +330,6 @@ def read(path: Path | None = None) -> dict[str, dict]:
     return {k: v for k, v in choices.items() if isinstance(v, dict) and "choice" in v}
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def record(key: Key, choice: Choice) -> dict:
     """The on-disk record of one decision."""
     return {
@@ -364,7 +350,9 @@ def write(updates: Mapping[str, dict], path: Path | None = None) -> None:
     text = json.dumps({"format": FORMAT, "fingerprint": fingerprint(), "choices": merged},
                       indent=1, sort_keys=True)
     try:
-        _write_atomic(path, text)
+        from ..checkpoint import write_atomic  # the one atomic writer (imports no backend)
+
+        write_atomic(path, text)
     except OSError as e:
         _warn_once(path, "write", f"sparse_adv_fast: cannot write the dispatch cache {path} ({e}); "
                          "choices are kept in memory only")

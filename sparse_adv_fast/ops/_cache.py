@@ -94,6 +94,11 @@ def _entry(w: Tensor, mask: Tensor, key: tuple) -> _Entry:
     return e
 
 
+def is_frozen(w: Tensor) -> bool:
+    """Whether ``w`` is inside a :func:`frozen` scope (its forms are built once and reused)."""
+    return id(w) in _frozen
+
+
 def _reusable(w: Tensor) -> bool:
     """Whether forms of ``w`` built earlier may serve this request (see the module doc)."""
     return id(w) in _frozen or torch._C._current_graph_task_id() != -1
