@@ -355,45 +355,6 @@ def test_pgd_step_kernel_rejects_bad_input():
         k.step(xa, g, x, 0.1, 0.1, "l1", 0.0, 1.0, torch.empty_like(x))
 
 
-# ---- GPU code generation without a GPU ----------------------------------------------------
-_AOT = r"""
-import triton, triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from sparse_adv_fast.kernels import masked_linear as L, pgd_step as G
-
-def build(fn, types, const, **opts):
-    sig = {a: ("constexpr" if a in const else types.get(a, "i32")) for a in fn.arg_names}
-    triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32), options=opts)
-
-f32 = {a: "*fp32" for a in ("a_ptr", "b_ptr", "c_ptr", "bias_ptr", "xa_ptr", "g_ptr", "x_ptr",
-                             "out_ptr", "part_ptr", "gpart_ptr", "dpart_ptr")}
-f32.update(m_ptr="*i32", alpha="fp64", eps="fp64", lo="fp64", hi="fp64")
-build(L._masked_mm.fn, f32, dict(B_MASK=True, K_IS_R=True, C_MASK=False, BITS=True,
-      HAS_BIAS=True, ACC=tl.float32, PREC="ieee", BLOCK_P=64, BLOCK_Q=64, BLOCK_R=32,
-      GROUP_P=8), num_warps=4, num_stages=3)
-build(G._linf_step_kernel, f32, dict(CDT=tl.float32, BLOCK=2048), enable_fp_fusion=False)
-build(G._sumsq_kernel, f32, dict(MODE=1, TINY=1e-12, CDT=tl.float32, PARTS=4, ITERS=4,
-      BLOCK=2048))
-build(G._l2_step_kernel, f32, dict(TINY=1e-12, CDT=tl.float32, PARTS=4, BLOCK=2048))
-print("compiled")
-"""
-
-
-@pytest.mark.slow
-def test_kernels_compile_for_sm90_without_a_gpu():
-    """The interpreter skips code generation; compile the hot kernels to sm_90 cubins."""
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton.backends.nvidia.compiler")
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1",
-           "SAF_TRITON_AUTOTUNE": "1"}
-    out = subprocess.run([sys.executable, "-c", _AOT], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]
-
-
 # ---- half precision (GPU only: the interpreter has no fast half path worth testing) -------
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
