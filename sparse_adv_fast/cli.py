@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 PROG = "sparse-adv-fast"
-DATASETS = ("digits", "mnist", "cifar10")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -119,6 +118,12 @@ def _cmd(name: str) -> Any:
     from .pipeline.command_config import COMMANDS
 
     return COMMANDS[name]
+
+
+def _study_cls() -> Any:
+    from .pipeline.study_config import StudyConfig
+
+    return StudyConfig
 
 
 def _option(p: argparse.ArgumentParser, cls: Any, name: str, *flags: str, help: str = "",
@@ -215,12 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=_seed, default=None,
                    help="first seed: the seeds become S, S+1, S+2 (S alone with --quick; "
                    "default: 0, 1, 2)")
-    d.add_argument("--dataset", choices=DATASETS, default=None,
-                   help="shorthand for dataset=... (default: digits)")
-    d.add_argument("--data-dir", default=None, help="folder with mnist / cifar10 files")
-    d.add_argument("--eps", type=_eps, default=None, help="L-inf radius (default per dataset)")
-    d.add_argument("--method", choices=("pgd", "trades", "fgsm_rs"), default=None,
-                   help="adversarial training loss of every arm (default: pgd)")
+    # Shorthands for the config keys of the same name: the field's own check and choices.
+    sc = _study_cls()
+    _option(d, sc, "dataset")
+    _option(d, sc, "data_dir", help="folder with mnist / cifar10 files")
+    _option(d, sc, "eps", help="L-inf radius (None: 0.1 digits, 0.3 mnist, 8/255 cifar10)")
+    _option(d, sc, "method", help="adversarial training loss of every arm")
     d.set_defaults(func=_study, config=None)
 
     s = sub.add_parser(
@@ -232,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         "config.json, timing.json and stages/ to --out. Rerun the same command to resume.",
     )
     _study_args(s, out="saf_study", config=True)
-    s.set_defaults(func=_study, seed=None, dataset=None, data_dir=None, eps=None, method=None)
+    s.set_defaults(func=_study, seed=None)
 
     t = sub.add_parser("train", help="train a model, save a checkpoint")
     _option(t, _cmd("train"), "dataset")
@@ -316,7 +321,7 @@ def _study_config(a: argparse.Namespace) -> Any:
         raise ValueError(f"more than one CONFIG given ({', '.join(map(repr, paths))}); "
                          "overrides are key=value")
     shorthand = {k: getattr(a, k) for k in ("dataset", "data_dir", "eps", "method")
-                 if getattr(a, k) is not None}
+                 if hasattr(a, k)}  # demo's flags, absent unless given
     overrides = study_config.parse_overrides([i for i in items if "=" in i])
     cfg = study_config.load(paths[0] if paths else None, {**shorthand, **overrides},
                             quick=a.quick)

@@ -109,6 +109,8 @@ def test_config_file_and_overrides_in_any_order(tmp_path):
     (["demo", "--seed", str(2**32 - 1)], "seeds must be a non-empty list of ints"),
     (["demo", "--dataset", "mnist", "--data-dir", "nope"], "'nope' for mnist does not exist"),
     (["study", "dataset=cifar10", "data_dir=nope"], "'nope' for cifar10 does not exist"),
+    (["demo", "--eps", "2"], "eps must be in [0, 1]"),  # inputs live in [0, 1]
+    (["study", "eps=2"], "config: eps must be in [0, 1]"),
     (["demo", "--sparsities", "0.5"], "unrecognized arguments: --sparsities"),
 ])
 def test_bad_input_exits_2_before_any_work(capsys, tmp_path, monkeypatch, argv, words):

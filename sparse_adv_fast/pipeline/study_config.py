@@ -121,7 +121,7 @@ class StudyConfig(C.Config):
     data_dir: str | None = C.text(None, optional=True)
     model: str = C.checked("small_cnn", _model, kind="str")
     method: str = C.choice("pgd", AT_METHODS)
-    eps: float | None = C.number(None, lo=0, optional=True)
+    eps: float | None = C.number(None, lo=0, hi=1, optional=True)  # inputs live in [0, 1]
     train_steps: int = C.like(TrainConfig, "steps")
     batch_size: int = C.integer(128, lo=1)
     val_size: int = C.integer(180, lo=1)
