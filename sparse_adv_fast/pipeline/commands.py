@@ -68,7 +68,8 @@ def _train_val(dataset: str, batch_size: int, data_dir: str | None, seed: int,
 
 
 def check_suites(names: tuple[str, ...]) -> tuple[str, ...]:
-    """Validate attack suite names: the named ones, ``pgd<k>`` or ``pgd<k>x<restarts>``."""
+    """Validate attack suite names: those of ``saf.train.evaluate`` (:data:`EVAL_SUITES`,
+    ``autoattack`` and ``autoattack-rand`` included), ``pgd<k>`` or ``pgd<k>x<restarts>``."""
     bad = [n for n in names if n not in EVAL_SUITES and not _PGD.match(n)]
     if bad or not names:
         raise ValueError(
