@@ -30,6 +30,18 @@ def _seed_and_reset_backend():
     backends.use(prev)
 
 
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """References run in full fp32: with TF32 on (a GPU default for cuDNN), a cuBLAS/cuDNN
+    reference would carry ~1e-3 relative error, beyond the fp32 tolerance, and Triton's
+    dots would follow it (``kernels._common.dot_precision``). No-op on CPU."""
+    prev = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
+
+
 def cpu_backends() -> list[str]:
     """Backends that run CPU tensors here: torch, cpp (if a compiler is present), and
     triton under TRITON_INTERPRET=1."""

@@ -82,10 +82,16 @@ void check_base(const at::Tensor& x) {
   TORCH_CHECK_VALUE(x.dim() >= 1, "pgd_step: inputs need a batch dimension");
   TORCH_CHECK_VALUE(x.is_contiguous(), "pgd_step: x must be contiguous");
   const auto dt = x.scalar_type();
-  const bool cuda_half = x.is_cuda() && (dt == at::kHalf || dt == at::kBFloat16);
-  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || cuda_half,
-                   "pgd_step: dtype ", dt, " is not supported (float32, float64; float16 and "
-                   "bfloat16 on CUDA)");
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+                   "pgd_step: dtype ", dt, " is not supported (float32, float64, float16, "
+                   "bfloat16)");
+}
+
+// The CPU kernels are instantiated for float and double only: half types (autocast, bf16
+// models) run the float32 kernel on upcast copies and round once into the caller's dtype,
+// which is at least as accurate as the per-op rounding of the torch reference.
+bool cpu_half(const at::Tensor& x) {
+  return x.is_cpu() && (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16);
 }
 
 // Per-sample view: b samples of d elements each.
@@ -132,6 +138,13 @@ at::Tensor step(const at::Tensor& x_adv, const at::Tensor& grad, const at::Tenso
   check_like(x, out, "out");
   const int64_t n = x.numel();
   if (n == 0) return out;
+  if (cpu_half(x)) {
+    at::Tensor out_f = at::empty_like(x, x.options().dtype(at::kFloat));
+    step(x_adv.to(at::kFloat), grad.to(at::kFloat), x.to(at::kFloat), alpha, eps, norm, lo, hi,
+         out_f, stream);
+    out.copy_(out_f);
+    return out;
+  }
   const int64_t b = x.size(0), d = per_sample(x);
   const bool f32 = x.scalar_type() == at::kFloat;
 
@@ -195,6 +208,9 @@ at::Tensor random_init(const at::Tensor& x, const at::Tensor& noise, double eps,
     TORCH_CHECK_VALUE(noise.numel() == b * (d + 1), "pgd_step: L2 noise needs shape (", b, ", ",
                       d + 1, "), got ", noise.sizes());
   }
+  if (cpu_half(x) && n > 0)
+    return random_init(x.to(at::kFloat), noise.to(at::kFloat), eps, norm, lo, hi, stream)
+        .to(x.scalar_type());
   at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
   if (n == 0) return out;
   const bool f32 = x.scalar_type() == at::kFloat;

@@ -2,8 +2,9 @@
 
 The extension takes the raw CUDA stream as an integer; :class:`_StreamBound` passes the
 current stream of the tensors' device (and makes that device current for the launch) so
-callers use the same signatures as other backends. The masked ops' kernels are fp32/fp64
-(linear) and fp32 (conv); other dtypes raise a clear error from the binding.
+callers use the same signatures as other backends. The kernels cover the dtypes in
+:data:`DTYPES`; a call in any other dtype (a bf16/fp16 conv under autocast, say) runs the
+op's torch reference (cuDNN / cuBLAS) instead of failing, see :class:`_DtypeRouted`.
 """
 
 from __future__ import annotations
@@ -58,6 +59,46 @@ class _StreamBound:
         return call
 
 
-def loader(op: str) -> _StreamBound:
-    """The CUDA extension for ``op`` with the stream argument bound."""
-    return _StreamBound(_build.load(op, "cuda"))
+def _dtypes(op: str) -> frozenset:
+    """The floating dtypes the CUDA kernels of ``op`` take (csrc/<op>/binding.cpp)."""
+    import torch
+
+    half = {torch.float16, torch.bfloat16}
+    return frozenset({
+        "masked_conv2d": {torch.float32},
+        "masked_linear": {torch.float32, torch.float64, *half},
+        "pgd_step": {torch.float32, torch.float64, *half},
+    }.get(op, {torch.float32}))
+
+
+class _DtypeRouted:
+    """Sends each call whose first tensor has a dtype the kernels lack to ``fallback``
+    (the op's torch reference, same contract), so a forced ``cuda`` backend still runs
+    half-precision convolutions; everything else goes to the extension."""
+
+    def __init__(self, ext: Any, dtypes: frozenset, fallback: Any) -> None:
+        self._ext, self._dtypes, self._fallback = ext, dtypes, fallback
+
+    def __getattr__(self, name: str) -> Any:
+        fn = getattr(self._ext, name)
+        ref = getattr(self._fallback, name, None)
+        if not callable(fn) or ref is None:
+            return fn
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            import torch
+
+            t = next((a for a in args if isinstance(a, torch.Tensor)), None)
+            if t is not None and t.dtype not in self._dtypes:
+                return ref(*args, **kwargs)
+            return fn(*args, **kwargs)
+
+        return call
+
+
+def loader(op: str) -> _DtypeRouted:
+    """The CUDA extension for ``op`` with the stream argument bound, routing dtypes it
+    does not compile for to the op's torch reference."""
+    from ..ops import op_module  # lazy: the ops import the backends
+
+    return _DtypeRouted(_StreamBound(_build.load(op, "cuda")), _dtypes(op), op_module(op)._REF)

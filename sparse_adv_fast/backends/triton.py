@@ -12,7 +12,9 @@ import importlib.metadata
 import importlib.util
 import os
 import platform
+from collections.abc import Callable
 from types import ModuleType
+from typing import Any
 
 MIN_VERSION = (3, 6)
 # (platform.system(), platform.machine()) pairs with triton wheels on PyPI; keep in step
@@ -61,6 +63,49 @@ def unavailable_reason(need_gpu: bool = True) -> str | None:
     return None
 
 
-def loader(op: str) -> ModuleType:
+#: Ops whose kernels multiply with ``tl.dot``, and their contract functions.
+_GEMM_FUNCTIONS = {
+    "masked_linear": ("forward", "grad_input", "grad_weight"),
+    "masked_conv2d": ("forward", "grad_input", "grad_weight"),
+}
+
+
+class _InterpreterHalf:
+    """The kernel module for the CPU interpreter, with half-precision GEMMs on fp32 copies.
+
+    The interpreter computes ``tl.dot`` through numpy, which has no bfloat16 (bf16 operands
+    come out as garbage) and accumulates float16 products in float16. The compiled GPU
+    kernels are unaffected (``tests/test_triton_compile`` lowers them). fp32 operands holding
+    the half values, accumulated in fp32 and rounded once to the half type, are what the
+    tensor-core path computes, so results keep their meaning.
+    """
+
+    def __init__(self, module: ModuleType, functions: tuple[str, ...]) -> None:
+        self._module, self._functions = module, functions
+
+    def __getattr__(self, name: str) -> Any:
+        fn = getattr(self._module, name)
+        return self._wrap(fn) if name in self._functions else fn
+
+    @staticmethod
+    def _wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            import torch
+
+            half = next((a.dtype for a in args if isinstance(a, torch.Tensor)
+                         and a.dtype in (torch.float16, torch.bfloat16)), None)
+            if half is None:
+                return fn(*args)
+            up = [a.float() if isinstance(a, torch.Tensor) and a.dtype == half else a
+                  for a in args]
+            return fn(*up).to(half)
+
+        return call
+
+
+def loader(op: str) -> ModuleType | _InterpreterHalf:
     """The kernel module for ``op`` (functions named as in ``ops/<op>.py``)."""
-    return importlib.import_module(f"sparse_adv_fast.kernels.{op}")
+    module = importlib.import_module(f"sparse_adv_fast.kernels.{op}")
+    if interpreting() and op in _GEMM_FUNCTIONS:
+        return _InterpreterHalf(module, _GEMM_FUNCTIONS[op])
+    return module
