@@ -6,6 +6,7 @@ Restarts are laid out restart-major: row ``r * B + b`` is restart ``r`` of sampl
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -109,3 +110,21 @@ def final_select(model: nn.Module, x_adv: Tensor, b: Batch, loss: str, targeted:
             losses = attack_loss(loss, targeted, logits, b.y, b.y_true)
         won = fooled_mask(logits, b.y, targeted)
     return select_restarts(x_adv, losses, b.restarts, fooled=won)
+
+
+# One compiled forward per (model, compiler backend): an attack's many steps, and later
+# attacks on the same model, reuse it (dynamo guards recompile only on a new shape/mode).
+_COMPILED: weakref.WeakKeyDictionary[nn.Module, dict[str, nn.Module]] = weakref.WeakKeyDictionary()
+
+
+def compiled(model: nn.Module, backend: str = "inductor") -> nn.Module:
+    """``torch.compile(model, backend=backend)``, built once per model and reused.
+
+    The result shares ``model``'s parameters and buffers (masks included), so pruning or
+    training the model is seen by it. Forward and backward (AOTAutograd) are compiled
+    through the custom ops, which have fake kernels and registered autograd.
+    """
+    per_model = _COMPILED.setdefault(model, {})
+    if backend not in per_model:
+        per_model[backend] = torch.compile(model, backend=backend)
+    return per_model[backend]

@@ -76,7 +76,7 @@ def pgd(
     model: nn.Module, x: Tensor, y: Tensor, *, eps: float, alpha: float, steps: int,
     norm: str = "linf", random_start: bool = True, restarts: int = 1, targeted: bool = False,
     loss: str = "ce", clip: tuple[float, float] = (0.0, 1.0), early_stop: bool = False,
-    x_init: Tensor | None = None,
+    x_init: Tensor | None = None, compile: bool | str = False,
 ) -> Tensor:
     """PGD attack: ``steps`` steps of size ``alpha`` in the ``eps``-ball (``norm`` ``"linf"``
     or ``"l2"``), each a fused :func:`sparse_adv_fast.ops.pgd_step_`.
