@@ -22,7 +22,7 @@ TINY: dict[str, Any] = dict(
     seeds=(0,), arms=("dense_at", "imp", "random", "iwi_ticket"), start_epochs=1,
     budget_epochs=4, imp_rounds=1, train_steps=2, train_subset=300, batch_size=64,
     val_size=60, test_subset=60, lr_grid={"at": (0.05, 0.1), "finetune": (0.05,)},
-    val_attacks=("pgd3",), eval_attacks=("pgd3",), workers=1,
+    val_attacks=("pgd3",), eval_attacks=("pgd3",), workers=1, radius_points=30,
 )
 STEPS_PER_EPOCH = 4  # ceil(240 / 64)
 
@@ -100,6 +100,31 @@ def test_iwi_reports_how_many_inherited_zeros_stay_dead(tiny) -> None:
     assert iwi["dead_fraction"] == iwi["still_zero"] / iwi["inherited_zeros"]
     assert 0.0 <= iwi["dead_fraction"] <= 1.0
     assert res["arms"]["iwi_ticket"]["dead_fraction"]["mean"] == iwi["dead_fraction"]
+
+
+def test_first_order_radius_is_checked_against_fab(tiny) -> None:
+    """Each result holds the first-order radius of its test points and its rank correlation
+    with FAB's minimal perturbations, recomputed here from the saved model as the oracle."""
+    from sparse_adv_fast import metrics
+    from sparse_adv_fast.pipeline.stages import seed_stage
+
+    out, res = tiny
+    seed = res["arms"]["dense_at"]["seeds"]["0"]
+    r = seed["radius"]
+    assert 0 < r["n"] <= TINY["radius_points"] and r["median_radius"] > 0
+    assert -1.0 <= r["spearman"] <= 1.0
+    row = res["arms"]["dense_at"]
+    assert row["radius_median_radius"]["mean"] == r["median_radius"]
+    md = (out / "results.md").read_text()
+    assert "## First-order radius" in md and "Spearman" in md
+    # The oracle: the library's own measurement on the stored model and the same points.
+    ctx = study_tasks.Ctx(StudyConfig(**TINY), study._store(out, StudyConfig(**TINY), False))
+    model = ctx.model(study.train_key("dense_at", 0, row["lr"]))
+    x, y = next(iter(ctx.data[2]))
+    n = TINY["radius_points"]
+    seed_stage(0, "dense_at/radius")
+    direct = metrics.radius_vs_minimal_perturbation(model.eval(), x[:n], y[:n])
+    assert direct["n"] == r["n"] and direct["spearman"] == pytest.approx(r["spearman"])
 
 
 def test_outputs(tiny) -> None:

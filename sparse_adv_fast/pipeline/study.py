@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import sys
@@ -369,6 +370,7 @@ def aggregate(cfg: StudyConfig, plan: dict[str, Any], summaries: Mapping[str, di
                 "ledger": [{k: p[k] for k in ("phase", "steps", "lrs") if k in p}
                            for p in s["ledger"]],
                 **({"iwi": s["iwi"]} if "iwi" in s else {}),
+                **({"radius": s["radius"]} if "radius" in s else {}),
             }
         per_seed[arm] = {int(k): v[METRIC] for k, v in seeds.items()}
         row = {"label": A.ARMS[arm].label, "family": A.ARMS[arm].family,
@@ -376,6 +378,11 @@ def aggregate(cfg: StudyConfig, plan: dict[str, Any], summaries: Mapping[str, di
                "planned_steps": plan["arms"][arm]["total_steps"]}
         for metric in ("worst_case", "clean", "sparsity"):
             row[metric] = stats.interval([v[metric] for v in seeds.values()], level)
+        for metric in ("median_radius", "spearman"):
+            vals = [v["radius"][metric] for v in seeds.values()
+                    if "radius" in v and math.isfinite(v["radius"][metric])]
+            if vals:  # NaN where too few points were correct for a correlation
+                row[f"radius_{metric}"] = stats.interval(vals, level)
         dead = [v["iwi"]["dead_fraction"] for v in seeds.values()
                 if v.get("iwi", {}).get("dead_fraction") is not None]
         if arm in A.IWI_ARMS:

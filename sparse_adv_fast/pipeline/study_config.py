@@ -34,6 +34,7 @@ QUICK: dict[str, Any] = {
     "seeds": (0,), "start_epochs": 1, "budget_epochs": 2, "imp_rounds": 1, "sparsity": None,
     "train_steps": 3, "lr_grid": {"at": (0.1,), "finetune": (0.05,)},
     "val_attacks": ("pgd10",), "eval_attacks": ("pgd20",), "test_subset": 200,
+    "radius_points": 50,
 }
 
 
@@ -110,7 +111,9 @@ class StudyConfig(C.Config):
     ``lr_grid`` (family -> learning rates; each arm is tuned on its family's grid by
     validation robust accuracy on the first seed). Evaluation: ``val_attacks``,
     ``eval_attacks`` (suite names of ``saf.train.evaluate``; the worst case is the metric),
-    ``level`` (interval coverage). ``seeds`` are paired across arms. ``backend``: the
+    ``level`` (interval coverage), ``radius_points`` (test points on which the first-order
+    radius is checked against FAB's minimal perturbation; 0: off). ``seeds`` are paired
+    across arms. ``backend``: the
     masked-op backend of every job (``saf.backends.using``); a fixed one, not ``"auto"``
     (chosen by timing, which can differ between processes), keeps resumed and parallel runs
     bit-identical, and the torch reference is the fastest on small CPU models.
@@ -149,6 +152,7 @@ class StudyConfig(C.Config):
     val_attacks: tuple[str, ...] = C.checked(("pgd20",), _names("val_attacks"))
     eval_attacks: tuple[str, ...] = C.checked(("pgd20x5", "apgd"), _names("eval_attacks"))
     level: float = C.number(0.95, lo=0, hi=1, lo_open=True, hi_open=True)
+    radius_points: int = C.integer(100, lo=0)
     backend: str = C.choice("torch", (*backends.NAMES, "auto"))
     workers: int = C.integer(2, lo=1)
     quick: bool = C.flag(False)

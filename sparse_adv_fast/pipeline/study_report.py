@@ -92,6 +92,29 @@ def iwi_section(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _num_ci(iv: dict[str, Any], digits: int) -> str:
+    """``mean ± half`` of a plain number (no half-width with one seed)."""
+    if iv.get("mean") is None:
+        return "-"
+    if iv.get("half") is None:
+        return f"{iv['mean']:.{digits}f}"
+    return f"{iv['mean']:.{digits}f} ± {iv['half']:.{digits}f}"
+
+
+def radius_section(results: dict[str, Any]) -> str:
+    """Per arm: the median first-order radius (the margin / input-gradient-norm link between
+    sparsity and robustness) and its rank correlation with FAB's minimal perturbation."""
+    rows = [(a, r) for a, r in results["arms"].items() if "radius_median_radius" in r]
+    if not rows:
+        return ""
+    lines = ["| arm | sparsity % | first-order radius (median) | Spearman ρ with FAB's minimal "
+             "perturbation |", "|---|---|---|---|"]
+    for a, r in rows:
+        lines.append(f"| `{a}` | {_ci(r['sparsity'])} | {_num_ci(r['radius_median_radius'], 4)}"
+                     f" | {_num_ci(r['radius_spearman'], 2)} |")
+    return "\n".join(lines)
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The full ``results.md``."""
     c, b = results["config"], results["budget"]
@@ -120,6 +143,12 @@ def markdown(results: dict[str, Any]) -> str:
         "## Learning-rate selection (validation, first seed)",
         tuning_section(results),
     ]
+    radius = radius_section(results)
+    if radius:
+        parts += ["## First-order radius (margin / input-gradient norm, L∞ threat)",
+                  "min over classes j ≠ y of (f_y − f_j) / ‖∇ₓ(f_y − f_j)‖₁ on the first "
+                  f"{results['config'].get('radius_points')} test points, and how well it "
+                  "ranks the minimal perturbation FAB-T finds (all targets).", radius]
     iwi = iwi_section(results)
     if iwi:
         parts += ["## IWI: do inherited zeros stay dead?", iwi]

@@ -320,7 +320,29 @@ def job_result(ctx: Ctx, *, arm: str, seed: int, train: str) -> dict[str, Any]:
     model = ctx.model(train)
     summary = dict(ctx.load(train)["summary"])
     test = _evaluate(ctx, model, ctx.data[2], ctx.cfg.eval_attacks, seed, f"{arm}/test")
-    return {"summary": {**summary, "test": test}}
+    out = {**summary, "test": test}
+    if ctx.cfg.radius_points:
+        out["radius"] = _radius(ctx, model, seed, f"{arm}/radius")
+    return {"summary": out}
+
+
+def _radius(ctx: Ctx, model: nn.Module, seed: int, stage: str) -> dict[str, Any]:
+    """The paper's margin / input-gradient link, checked: the first-order radius (all
+    classes, Hein & Andriushchenko) of the first ``radius_points`` test points, its median,
+    and how well it ranks FAB's minimal perturbations (Spearman, Pearson)."""
+    xs, ys, n = [], [], ctx.cfg.radius_points
+    for x, y in ctx.data[2]:
+        xs.append(x)
+        ys.append(y)
+        if sum(len(t) for t in ys) >= n:
+            break
+    x, y = torch.cat(xs)[:n], torch.cat(ys)[:n]
+    seed_stage(seed, stage)  # FAB's random restarts
+    r = _lib("metrics").radius_vs_minimal_perturbation(model.eval(), x, y)
+    radii = torch.tensor(r["radius"], dtype=torch.float64)
+    return {"spearman": r["spearman"], "pearson": r["pearson"], "n": r["n"],
+            "median_radius": float(radii.median()) if len(radii) else float("nan"),
+            "mean_ratio": r["mean_ratio"]}
 
 
 JOBS = {"start": job_start, "pre": job_pre, "rounds": job_rounds, "hydra": job_hydra,
