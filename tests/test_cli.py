@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from conftest import run_cli
 
 import sparse_adv_fast as saf
 from sparse_adv_fast import cli
@@ -24,19 +25,9 @@ def _torch_backend():
     saf.backends.use("torch")
 
 
-def _run(capsys, *argv):
-    """``cli.main(argv)`` -> (exit status, stdout, stderr), SystemExit included."""
-    try:
-        rc = cli.main(list(argv))
-    except SystemExit as e:
-        rc = e.code
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
 @pytest.mark.parametrize("cmd", COMMANDS)
 def test_every_command_has_help(capsys, cmd):
-    rc, out, _ = _run(capsys, cmd, "--help")
+    rc, out, _ = run_cli(capsys, cmd, "--help")
     assert rc == 0 and out.startswith(f"usage: sparse-adv-fast {cmd}")
 
 
@@ -55,20 +46,20 @@ def test_every_command_has_help(capsys, cmd):
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(capsys, argv, words):
-    rc, out, err = _run(capsys, *argv)
+    rc, out, err = run_cli(capsys, *argv)
     assert rc == 2
     assert words in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
 def test_missing_data_dir_exits_2_before_any_work(capsys, tmp_path):
     missing = tmp_path / "nope"
-    rc, _, err = _run(capsys, "train", "--dataset", "mnist", "--data-dir", str(missing),
-                      "--out", str(tmp_path / "m.pt"))
+    rc, _, err = run_cli(capsys, "train", "--dataset", "mnist", "--data-dir", str(missing),
+                         "--out", str(tmp_path / "m.pt"))
     assert rc == 2 and str(missing) in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "m.pt").exists()
     for argv in (["demo", "--dataset", "cifar10", "--data-dir", str(missing)],
                  ["study", "dataset=cifar10", f"data_dir={missing}"]):
-        rc, _, err = _run(capsys, *argv, "--out", str(tmp_path / "o"))
+        rc, _, err = run_cli(capsys, *argv, "--out", str(tmp_path / "o"))
         assert rc == 2 and "does not exist" in err and not (tmp_path / "o").exists()
 
 
@@ -93,19 +84,19 @@ def test_module_entry_point_prints_no_traceback(tmp_path):
 
 def test_bench_without_a_source_checkout_says_so(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(commands, "SOURCE_ROOT", tmp_path)
-    rc, _, err = _run(capsys, "bench")
+    rc, _, err = run_cli(capsys, "bench")
     assert rc == 2 and "no benchmarks/ folder" in err and "source checkout" in err
 
 
 def test_info_prints_backends(capsys):
-    rc, out, _ = _run(capsys, "info")
+    rc, out, _ = run_cli(capsys, "info")
     assert rc == 0 and "backends:" in out and "torch" in out
 
 
 def test_not_a_model_checkpoint_is_a_clear_error(capsys, tmp_path):
     p = tmp_path / "x.pt"
     torch.save({"weights": torch.zeros(2)}, p)
-    rc, _, err = _run(capsys, "eval", str(p), "--attacks", "fgsm")
+    rc, _, err = run_cli(capsys, "eval", str(p), "--attacks", "fgsm")
     assert rc == 2 and "not a sparse-adv-fast model checkpoint" in err
 
 
@@ -121,12 +112,12 @@ def test_imp_schedule_reaches_the_target_geometrically():
 def test_train_prune_iwi_eval_chain(capsys, tmp_path):
     m, p, w = (str(tmp_path / n) for n in ("m.pt", "p.pt", "w.pt"))
     quick = ["--method", "natural", "--epochs", "1", "--no-progress"]
-    assert _run(capsys, "train", "--out", m, *quick)[0] == 0
+    assert run_cli(capsys, "train", "--out", m, *quick)[0] == 0
     net, blob = modelio.load_model(m)
     assert blob["arch"] == {"name": "small_cnn", "dataset": "digits", "width": 1,
                             "masked": False}
 
-    rc, out, err = _run(capsys, "prune", m, "--sparsity", "0.75", "--out", p)
+    rc, out, err = run_cli(capsys, "prune", m, "--sparsity", "0.75", "--out", p)
     assert rc == 0, err
     pruned, blob = modelio.load_model(p)
     assert blob["arch"]["masked"] is True
@@ -137,14 +128,14 @@ def test_train_prune_iwi_eval_chain(capsys, tmp_path):
         assert torch.equal(layer.weight[layer.weight_mask], ref[layer.weight_mask])
 
     r, i = str(tmp_path / "r.pt"), str(tmp_path / "i.pt")
-    rc, out, err = _run(capsys, "prune", m, "--method", "random", "--sparsity", "0.5",
-                        "--scope", "layer", "--out", r)
+    rc, out, err = run_cli(capsys, "prune", m, "--method", "random", "--sparsity", "0.5",
+                           "--scope", "layer", "--out", r)
     assert rc == 0, err
     assert all(v == pytest.approx(0.5, abs=0.01)
                for v in saf.layer_sparsity(modelio.load_model(r)[0]).values())
-    rc, out, err = _run(capsys, "prune", p, "--method", "imp", "--sparsity", "0.9", "--rounds",
-                        "2", "--train-method", "natural", "--epochs", "1", "--no-progress",
-                        "--out", i)
+    rc, out, err = run_cli(capsys, "prune", p, "--method", "imp", "--sparsity", "0.9", "--rounds",
+                           "2", "--train-method", "natural", "--epochs", "1", "--no-progress",
+                           "--out", i)
     assert rc == 0, err
     ticket = modelio.load_model(i)[0]
     assert saf.sparsity(ticket) == pytest.approx(0.9, abs=1e-3)
@@ -153,20 +144,20 @@ def test_train_prune_iwi_eval_chain(capsys, tmp_path):
         assert not (layer.weight_mask & ~pruned.get_submodule(name).weight_mask).any()
 
     h = str(tmp_path / "h.pt")
-    rc, out, err = _run(capsys, "prune", m, "--method", "hydra", "--sparsity", "0.6", "--steps",
-                        "1", "--train-method", "natural", "--epochs", "1", "--no-progress",
-                        "--out", h)
+    rc, out, err = run_cli(capsys, "prune", m, "--method", "hydra", "--sparsity", "0.6", "--steps",
+                           "1", "--train-method", "natural", "--epochs", "1", "--no-progress",
+                           "--out", h)
     assert rc == 0, err
     assert saf.sparsity(modelio.load_model(h)[0]) == pytest.approx(0.6, abs=1e-3)
 
-    rc, out, err = _run(capsys, "iwi", m, "--mode", "widen", "--out", w, *quick)
+    rc, out, err = run_cli(capsys, "iwi", m, "--mode", "widen", "--out", w, *quick)
     assert rc == 0, err
     wide, blob = modelio.load_model(w)
     assert blob["arch"]["width"] == 2 and blob["meta"]["iwi_mode"] == "widen"
     assert sum(t.numel() for t in wide.parameters()) > 2 * sum(t.numel() for t in net.parameters())
 
-    rc, out, err = _run(capsys, "eval", p, "--attacks", "fgsm", "--max-batches", "1",
-                        "--no-progress")
+    rc, out, err = run_cli(capsys, "eval", p, "--attacks", "fgsm", "--max-batches", "1",
+                           "--no-progress")
     assert rc == 0, err
     res = json.loads(out)
     assert res["sparsity"] == pytest.approx(0.75, abs=0.01) and res["eps"] == 0.1

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from conftest import run_cli
 
 import sparse_adv_fast as saf
 from sparse_adv_fast import checkpoint, cli
@@ -19,15 +20,6 @@ from sparse_adv_fast.pipeline.commands import run_dir
 @pytest.fixture(autouse=True)
 def _torch_backend():
     saf.backends.use("torch")
-
-
-def _run(capsys, *argv):
-    try:
-        rc = cli.main([str(a) for a in argv])
-    except SystemExit as e:
-        rc = e.code
-    out = capsys.readouterr()
-    return rc, out.out, out.err
 
 
 def _one_line(err):
@@ -67,7 +59,7 @@ def test_a_nan_checkpoint_is_refused_naming_the_file_and_tensor(capsys, tmp_path
     monkeypatch.setattr(saf.train, "evaluate", started)
     monkeypatch.setattr(saf.train, "fit", started)
     out = tmp_path / "out.pt"
-    rc, stdout, err = _run(capsys, *[a.format(m=path, o=out) for a in argv])
+    rc, stdout, err = run_cli(capsys, *[a.format(m=path, o=out) for a in argv])
     assert rc == 2 and _one_line(err) and stdout == ""
     assert str(path) in err and name in err and "non-finite" in err
     assert not out.exists() and not run_dir(out).exists()
@@ -75,8 +67,8 @@ def test_a_nan_checkpoint_is_refused_naming_the_file_and_tensor(capsys, tmp_path
 
 def test_divergence_is_one_line_naming_the_output_and_the_bad_tensor(capsys, tmp_path):
     out = tmp_path / "m.pt"
-    rc, _, err = _run(capsys, "train", "--method", "natural", "--epochs", "1", "--lr", "1e6",
-                      "--batch-size", "64", "--no-progress", "--out", out)
+    rc, _, err = run_cli(capsys, "train", "--method", "natural", "--epochs", "1", "--lr", "1e6",
+                         "--batch-size", "64", "--no-progress", "--out", out)
     assert rc == 1 and _one_line(err)
     assert str(out) in err and "diverged" in err and "--lr" in err
     assert ".weight" in err or ".bias" in err  # the first non-finite tensor is named
@@ -100,7 +92,7 @@ def test_divergence_keeps_the_last_good_epoch_and_the_run_resumes_from_it(capsys
         return real(model, loaders, **dict(kw, callback=poison))
 
     monkeypatch.setattr(saf.train, "fit", poisoned)
-    rc, _, err = _run(capsys, *argv)
+    rc, _, err = run_cli(capsys, *argv)
     kept = run_dir(out) / "stages" / "train.partial.pt"
     assert rc == 1 and _one_line(err) and "diverged" in err
     assert f"the last finished epoch is kept in {kept}" in err
@@ -109,7 +101,7 @@ def test_divergence_keeps_the_last_good_epoch_and_the_run_resumes_from_it(capsys
     assert not out.exists()
 
     monkeypatch.setattr(saf.train, "fit", real)  # e.g. the cause fixed: resume epoch 2
-    rc, _, err = _run(capsys, *argv)
+    rc, _, err = run_cli(capsys, *argv)
     assert rc == 0, err
     net, blob = modelio.load_model(out)
     assert first_nonfinite(net) is None and blob["meta"]["history"]["resumed_from_epoch"] == 1
@@ -128,7 +120,7 @@ def test_a_checkpoint_with_a_bad_arch_is_a_one_line_usage_error(capsys, tmp_path
     checkpoint.save_atomic({"kind": modelio.KIND, "arch": arch,
                             "state_dict": modelio.build(ARCH).state_dict(), "meta": {}}, path)
     for argv in (["eval", path, "--attacks", "fgsm"], ["prune", path, "--out", tmp_path / "p"]):
-        rc, _, err = _run(capsys, *argv)
+        rc, _, err = run_cli(capsys, *argv)
         assert rc == 2 and _one_line(err) and words in err, err
         assert str(path) in err
 
@@ -136,9 +128,9 @@ def test_a_checkpoint_with_a_bad_arch_is_a_one_line_usage_error(capsys, tmp_path
 def test_garbage_and_missing_checkpoints_are_usage_errors(capsys, tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint at all")
-    rc, _, err = _run(capsys, "eval", junk)
+    rc, _, err = run_cli(capsys, "eval", junk)
     assert rc == 2 and _one_line(err) and "junk.pt" in err and "cannot be loaded" in err
-    rc, _, err = _run(capsys, "eval", tmp_path / "absent.pt")
+    rc, _, err = run_cli(capsys, "eval", tmp_path / "absent.pt")
     assert rc == 2 and _one_line(err) and "does not exist" in err
 
 
@@ -146,15 +138,15 @@ def test_garbage_and_missing_checkpoints_are_usage_errors(capsys, tmp_path):
 def test_a_directory_given_as_checkpoint_says_so(capsys, tmp_path, cmd, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models").mkdir()
-    rc, _, err = _run(capsys, cmd[0], "models", *cmd[1:])
+    rc, _, err = run_cli(capsys, cmd[0], "models", *cmd[1:])
     assert rc == 2 and _one_line(err) and "'models' is a directory" in err
 
 
 def test_a_file_given_as_data_dir_says_so(capsys, tmp_path):
     f = tmp_path / "cifar.tar"
     f.write_bytes(b"x")
-    rc, _, err = _run(capsys, "train", "--dataset", "cifar10", "--data-dir", f,
-                      "--out", tmp_path / "m.pt")
+    rc, _, err = run_cli(capsys, "train", "--dataset", "cifar10", "--data-dir", f,
+                         "--out", tmp_path / "m.pt")
     assert rc == 2 and _one_line(err) and "is a file, not a directory" in err
 
 
@@ -171,7 +163,7 @@ def test_a_file_given_as_data_dir_says_so(capsys, tmp_path):
 def test_absurd_width_and_seed_are_refused_at_parse_time(capsys, tmp_path, monkeypatch, argv,
                                                          words):
     monkeypatch.chdir(tmp_path)
-    rc, _, err = _run(capsys, *argv)
+    rc, _, err = run_cli(capsys, *argv)
     assert rc == 2 and _one_line(err) and words in err
     assert list(tmp_path.iterdir()) == []  # no settings file, no run directory
 
@@ -186,7 +178,7 @@ def test_interrupting_a_command_that_cannot_resume_does_not_promise_it(capsys, t
         raise KeyboardInterrupt
 
     monkeypatch.setattr(saf.train, "evaluate", interrupted)
-    rc, _, err = _run(capsys, "eval", path)
+    rc, _, err = run_cli(capsys, "eval", path)
     assert rc == 130 and err.strip() == "sparse-adv-fast eval: interrupted"
 
 
@@ -222,7 +214,7 @@ def test_bench_passes_selection_flags_to_pytest(capsys, tmp_path, bench_tree, ar
                                                 expect):
     bdir, calls = bench_tree
     json_out = tmp_path / "b.json"
-    rc, _, err = _run(capsys, "bench", "--json", json_out, *argv)
+    rc, _, err = run_cli(capsys, "bench", "--json", json_out, *argv)
     assert rc == 0, err
     args = _pytest_args(calls, bdir)
     assert args[0] == str(bdir / target) if target else args[0] == str(bdir)
@@ -234,7 +226,7 @@ def test_bench_passes_selection_flags_to_pytest(capsys, tmp_path, bench_tree, ar
 def test_bench_unknown_suite_lists_the_suites(capsys, tmp_path, bench_tree):
     _, calls = bench_tree
     for bad in ("nope", "../x"):
-        rc, _, err = _run(capsys, "bench", "--json", tmp_path / "b.json", "--suite", bad)
+        rc, _, err = run_cli(capsys, "bench", "--json", tmp_path / "b.json", "--suite", bad)
         assert rc == 2 and _one_line(err) and "end_to_end, masked_ops" in err
     assert calls == []
 
@@ -247,7 +239,7 @@ def test_an_unexpected_exception_is_one_line_and_debug_shows_it(capsys, tmp_path
         raise KeyError("oops")
 
     monkeypatch.setattr(saf.train, "evaluate", bug)
-    rc, _, err = _run(capsys, "eval", path)
+    rc, _, err = run_cli(capsys, "eval", path)
     assert rc == 1 and _one_line(err) and "internal error: KeyError: 'oops'" in err
     with pytest.raises(KeyError):
         cli.main(["--debug", "eval", str(path)])

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 import sparse_adv_fast as saf
 from sparse_adv_fast import cli
@@ -31,16 +32,6 @@ TINY = ["arms=dense_at,imp", "train_subset=200", "batch_size=64", "val_size=40",
 @pytest.fixture(autouse=True)
 def _torch_backend():
     saf.backends.use("torch")
-
-
-def _run(capsys, *argv):
-    """``cli.main(argv)`` -> (exit status, stdout, stderr), SystemExit included."""
-    try:
-        rc = cli.main([str(a) for a in argv])
-    except SystemExit as e:
-        rc = e.code
-    out = capsys.readouterr()
-    return rc, out.out, out.err
 
 
 def _config(*argv):
@@ -115,7 +106,7 @@ def test_config_file_and_overrides_in_any_order(tmp_path):
 ])
 def test_bad_input_exits_2_before_any_work(capsys, tmp_path, monkeypatch, argv, words):
     monkeypatch.chdir(tmp_path)
-    rc, out, err = _run(capsys, *argv, "--out", tmp_path / "run")
+    rc, out, err = run_cli(capsys, *argv, "--out", tmp_path / "run")
     assert rc == 2 and _one_line(err) and words in err, err
     assert out == "" and list(tmp_path.iterdir()) == []
 
@@ -143,7 +134,7 @@ def test_a_run_prints_the_table_and_verdicts_and_writes_its_files(run, capsys, t
     for name in study.OUTPUTS:
         assert (out / name).is_file(), name
     # What the command prints is the report of this results.json (rerun: nothing retrained).
-    rc, printed, err = _run(capsys, "study", *argv)
+    rc, printed, err = run_cli(capsys, "study", *argv)
     assert rc == 0 and err == ""
     assert json.loads((out / "timing.json").read_text())["jobs_ran"] == []
     lines = printed.splitlines()
@@ -164,7 +155,7 @@ def test_a_corrupt_job_file_is_one_line_naming_it(run, capsys, tmp_path):
     bad = copy / "stages" / "result.imp.s0.pt"
     bad.write_bytes(b"not a checkpoint")
     argv = [a if a != str(out) else str(copy) for a in argv]
-    rc, _, err = _run(capsys, "study", *argv)
+    rc, _, err = run_cli(capsys, "study", *argv)
     assert rc == 1 and _one_line(err)
     assert "result.imp.s0.pt is corrupt" in err and err.startswith("sparse-adv-fast study:")
 
@@ -174,9 +165,9 @@ def test_other_settings_are_refused_and_fresh_starts_over(run, capsys, tmp_path)
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     argv = [a if a != str(out) else str(copy) for a in argv]
-    rc, _, err = _run(capsys, "study", *argv, "train_steps=2")
+    rc, _, err = run_cli(capsys, "study", *argv, "train_steps=2")
     assert rc == 1 and _one_line(err) and "other settings" in err
-    rc, _, err = _run(capsys, "study", *argv, "train_steps=2", "--fresh")
+    rc, _, err = run_cli(capsys, "study", *argv, "train_steps=2", "--fresh")
     assert rc == 0, err
     timing = json.loads((copy / "timing.json").read_text())
     assert timing["jobs_skipped"] == [] and "result.imp.s0" in timing["jobs_ran"]
@@ -194,11 +185,11 @@ def test_an_interrupted_run_exits_130_and_the_same_command_resumes_it(run, capsy
 
     with monkeypatch.context() as m:  # every training job done, then Ctrl-C
         m.setitem(study.JOBS, "result", interrupted)
-        rc, _, err = _run(capsys, "study", *argv)
+        rc, _, err = run_cli(capsys, "study", *argv)
     assert rc == 130
     assert err.strip() == "sparse-adv-fast study: interrupted; rerun the same command to resume"
     assert not (here / "results.json").exists() and not (here / "run.lock").exists()
-    rc, _, err = _run(capsys, "study", *argv)
+    rc, _, err = run_cli(capsys, "study", *argv)
     assert rc == 0, err
     timing = json.loads((here / "timing.json").read_text())
     assert sorted(timing["jobs_ran"]) == ["result.dense_at.s0", "result.imp.s0"]
@@ -207,8 +198,8 @@ def test_an_interrupted_run_exits_130_and_the_same_command_resumes_it(run, capsy
 
 def test_the_demo_runs_the_study(capsys, tmp_path):
     out = tmp_path / "demo"
-    rc, printed, _ = _run(capsys, "demo", "--quick", "--seed", "3", "--out", out,
-                          "--no-progress", *TINY)
+    rc, printed, _ = run_cli(capsys, "demo", "--quick", "--seed", "3", "--out", out,
+                             "--no-progress", *TINY)
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert res["seeds"] == [3] and res["config"]["dataset"] == "digits"

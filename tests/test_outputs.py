@@ -7,9 +7,10 @@ import errno
 import os
 
 import pytest
+from conftest import run_cli
 
 import sparse_adv_fast as saf
-from sparse_adv_fast import checkpoint, cli
+from sparse_adv_fast import checkpoint
 from sparse_adv_fast.pipeline import commands, modelio, outputs
 from sparse_adv_fast.pipeline.commands import run_dir
 from sparse_adv_fast.pipeline.outputs import OutputPathError, check_output_dir, check_output_file
@@ -45,15 +46,6 @@ def unwritable(monkeypatch):
         raise PermissionError(errno.EACCES, "Permission denied")
 
     monkeypatch.setattr(outputs.tempfile, "mkstemp", refuse)
-
-
-def _run(capsys, *argv):
-    try:
-        rc = cli.main([str(a) for a in argv])
-    except SystemExit as e:
-        rc = e.code
-    out = capsys.readouterr()
-    return rc, out.out, out.err
 
 
 def _one_line_error(err):
@@ -103,7 +95,7 @@ def test_the_probe_leaves_nothing_behind(tmp_path):
 # ---- the commands check before any work ---------------------------------------------------------
 def test_eval_json_onto_the_model_is_refused_and_the_model_kept(capsys, model_file, no_work):
     before = model_file.read_bytes()
-    rc, _, err = _run(capsys, "eval", model_file, "--json", model_file)
+    rc, _, err = run_cli(capsys, "eval", model_file, "--json", model_file)
     assert rc == 2 and _one_line_error(err) and "is the input" in err
     assert model_file.read_bytes() == before
 
@@ -111,7 +103,7 @@ def test_eval_json_onto_the_model_is_refused_and_the_model_kept(capsys, model_fi
 @pytest.mark.parametrize("cmd", [["prune"], ["iwi"], ["prune", "--method", "imp"]])
 def test_prune_and_iwi_onto_their_input_are_refused(capsys, model_file, no_work, cmd):
     before = model_file.read_bytes()
-    rc, _, err = _run(capsys, cmd[0], model_file, *cmd[1:], "--out", model_file)
+    rc, _, err = run_cli(capsys, cmd[0], model_file, *cmd[1:], "--out", model_file)
     assert rc == 2 and _one_line_error(err) and "--out" in err and "is the input" in err
     assert model_file.read_bytes() == before
 
@@ -122,7 +114,7 @@ def test_prune_and_iwi_onto_their_input_are_refused(capsys, model_file, no_work,
     ["eval", "{m}", "--json", "{d}"],
 ])
 def test_a_directory_as_output_file_is_refused(capsys, tmp_path, model_file, no_work, argv):
-    rc, _, err = _run(capsys, *[a.format(d=tmp_path, m=model_file) for a in argv])
+    rc, _, err = run_cli(capsys, *[a.format(d=tmp_path, m=model_file) for a in argv])
     assert rc == 2 and _one_line_error(err) and "is a directory" in err
 
 
@@ -133,16 +125,16 @@ def test_unwritable_outputs_fail_before_any_work(capsys, tmp_path, model_file, n
                  ["eval", model_file, "--json", tmp_path / "r.json"],
                  ["demo", "--quick", "--out", tmp_path / "run"],
                  ["study", "--out", tmp_path / "run"]):
-        rc, _, err = _run(capsys, *argv)
+        rc, _, err = run_cli(capsys, *argv)
         assert rc == 2 and _one_line_error(err) and "cannot create files" in err, argv
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
 
 
 def test_seed_out_of_range_writes_no_settings_file(capsys, tmp_path):
     for seed in ("-1", str(2**32), "1.5"):
-        rc, _, err = _run(capsys, "demo", "--quick", "--seed", seed, "--out", tmp_path / "run")
+        rc, _, err = run_cli(capsys, "demo", "--quick", "--seed", seed, "--out", tmp_path / "run")
         assert rc == 2 and _one_line_error(err) and "seed" in err
-        rc, _, err = _run(capsys, "train", "--seed", seed, "--out", tmp_path / "m.pt")
+        rc, _, err = run_cli(capsys, "train", "--seed", seed, "--out", tmp_path / "m.pt")
         assert rc == 2 and "seed" in err
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ValueError, match="seed"):
@@ -162,15 +154,15 @@ def test_full_disk_at_eval_json_keeps_the_earlier_report(capsys, tmp_path, model
     report = tmp_path / "r.json"
     report.write_text('{"earlier": true}\n')
     monkeypatch.setattr(checkpoint.os, "fsync", _enospc)
-    rc, _, err = _run(capsys, "eval", model_file, "--attacks", "fgsm", "--max-batches", "1",
-                      "--no-progress", "--json", report)
+    rc, _, err = run_cli(capsys, "eval", model_file, "--attacks", "fgsm", "--max-batches", "1",
+                         "--no-progress", "--json", report)
     assert rc == 1 and _one_line_error(err)
     assert f"cannot write {report}: No space left on device" in err
     assert report.read_text() == '{"earlier": true}\n'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "r.json"]
 
 
-def test_full_disk_at_the_final_save_keeps_the_earlier_model_and_the_run(capsys, tmp_path,
+def test_full_disk_at_the_final_save_keeps_the_earlier_model_and_therun_cli(capsys, tmp_path,
                                                                           model_file,
                                                                           monkeypatch):
     out = tmp_path / "t.pt"
@@ -187,7 +179,7 @@ def test_full_disk_at_the_final_save_keeps_the_earlier_model_and_the_run(capsys,
     argv = ["train", "--method", "natural", "--epochs", "1", "--batch-size", "256",
             "--no-progress", "--out", out]
     monkeypatch.setattr(checkpoint.torch, "save", save)
-    rc, _, err = _run(capsys, *argv)
+    rc, _, err = run_cli(capsys, *argv)
     monkeypatch.undo()
     saf.backends.use("torch")
     assert rc == 1 and _one_line_error(err)
@@ -200,7 +192,7 @@ def test_full_disk_at_the_final_save_keeps_the_earlier_model_and_the_run(capsys,
     fits = []
     real_fit = saf.train.fit
     monkeypatch.setattr(saf.train, "fit", lambda *a, **k: fits.append(1) or real_fit(*a, **k))
-    rc, _, err = _run(capsys, *argv)
+    rc, _, err = run_cli(capsys, *argv)
     assert rc == 0, err
     assert "resuming" in err and out.read_bytes() != before and not run_dir(out).exists()
     assert fits == [1]

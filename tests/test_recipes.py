@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli
 
 import sparse_adv_fast as saf
-from sparse_adv_fast import cli, config
+from sparse_adv_fast import config
 from sparse_adv_fast.pipeline import modelio
 from sparse_adv_fast.pipeline.command_config import COMMANDS
 
@@ -45,15 +46,6 @@ def fake_mnist(tmp_path_factory):
     return folder
 
 
-def _run(capsys, *argv):
-    try:
-        rc = cli.main([str(a) for a in argv])
-    except SystemExit as e:
-        rc = e.code
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
 @pytest.mark.parametrize("path", sorted((CONFIGS / "train").glob("*.json")), ids=lambda p: p.name)
 def test_shipped_train_recipes_are_valid_and_follow_the_literature(path):
     c = COMMANDS["train"].from_dict(config.read_file(path), str(path))
@@ -78,9 +70,9 @@ def test_mnist_recipe_learns_and_saves_its_resolved_config(capsys, tmp_path, fak
     out = tmp_path / "m.pt"
     # The recipe's optimiser, schedule, radius and warm-up; a 3-step attack (step 0.1) and
     # half width keep the test short.
-    rc, stdout, err = _run(capsys, "train", "--config", CONFIGS / "train" / "mnist_pgd.json",
-                           "--data-dir", fake_mnist, "--epochs", "2", "--steps", "3",
-                           "--alpha", "0.1", "--width", "0.5", "--no-progress", "--out", out)
+    rc, stdout, err = run_cli(capsys, "train", "--config", CONFIGS / "train" / "mnist_pgd.json",
+                              "--data-dir", fake_mnist, "--epochs", "2", "--steps", "3",
+                              "--alpha", "0.1", "--width", "0.5", "--no-progress", "--out", out)
     assert rc == 0, err
     hist = modelio.load_model(out)[1]["meta"]["history"]["epochs"]
     assert hist[-1]["val_clean_acc"] > 0.5 and hist[-1]["train_acc"] > 0.3  # chance: 0.1
@@ -96,9 +88,9 @@ def test_default_settings_collapse_and_are_stopped_with_advice(capsys, tmp_path,
     # The run: PGD-AT at eps 0.3, SGD, no warm-up (lr 0.5 collapses at once here;
     # the default 0.05 does too at full width, within two epochs).
     out = tmp_path / "m.pt"
-    rc, _, err = _run(capsys, "train", "--dataset", "mnist", "--data-dir", fake_mnist,
-                      "--epochs", "2", "--steps", "3", "--width", "0.5", "--lr", "0.5",
-                      "--no-progress", "--out", out)
+    rc, _, err = run_cli(capsys, "train", "--dataset", "mnist", "--data-dir", fake_mnist,
+                         "--epochs", "2", "--steps", "3", "--width", "0.5", "--lr", "0.5",
+                         "--no-progress", "--out", out)
     lines = [ln for ln in err.strip().splitlines() if "sparse-adv-fast train" in ln]
     assert rc == 1 and len(lines) == 1, err
     assert "training collapsed" in lines[0] and "lower lr" in lines[0]
@@ -109,9 +101,9 @@ def test_default_settings_collapse_and_are_stopped_with_advice(capsys, tmp_path,
 def test_config_file_errors_exit_2_before_any_work(capsys, tmp_path):
     f = tmp_path / "c.json"
     f.write_text(json.dumps({"epoch": 3}))
-    rc, _, err = _run(capsys, "train", "--config", f, "--out", tmp_path / "m.pt")
+    rc, _, err = run_cli(capsys, "train", "--config", f, "--out", tmp_path / "m.pt")
     assert rc == 2 and "did you mean 'epochs'" in err and len(err.strip().splitlines()) == 1
     f.write_text(json.dumps({"lr": -1}))
-    rc, _, err = _run(capsys, "prune", "m.pt", "--config", f, "--out", tmp_path / "p.pt")
+    rc, _, err = run_cli(capsys, "prune", "m.pt", "--config", f, "--out", tmp_path / "p.pt")
     assert rc == 2 and "lr: expected a positive number, got -1" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json"]

@@ -14,9 +14,9 @@ import time
 
 import pytest
 import torch
+from conftest import run_cli
 
 import sparse_adv_fast as saf
-from sparse_adv_fast import cli
 from sparse_adv_fast.pipeline import lock as lockmod
 from sparse_adv_fast.pipeline import modelio
 from sparse_adv_fast.pipeline.commands import run_dir
@@ -38,12 +38,6 @@ def _write_lock(folder, pid, host=None):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / lockmod.LOCK_NAME).write_text(
         json.dumps({"pid": pid, "host": host or socket.gethostname(), "started": time.time()}))
-
-
-def _run(capsys, *argv):
-    rc = cli.main(list(argv))
-    out = capsys.readouterr()
-    return rc, out.out, out.err
 
 
 # ---- the lock itself ------------------------------------------------------------------------
@@ -140,8 +134,8 @@ def test_a_study_into_a_locked_dir_fails_at_once_and_fresh_deletes_nothing(tmp_p
     with RunLock(out):
         for extra in ([], ["--fresh"]):
             t0 = time.perf_counter()
-            rc, _, err = _run(capsys, cmd, "--quick", "--out", str(out), "--no-progress",
-                              *extra)
+            rc, _, err = run_cli(capsys, cmd, "--quick", "--out", str(out), "--no-progress",
+                                 *extra)
             assert time.perf_counter() - t0 < 10  # refused before any training
             assert rc == 1 and len(err.strip().splitlines()) == 1
             assert "is in use by another run" in err and f"pid {os.getpid()}" in err
@@ -153,7 +147,7 @@ def test_a_study_into_a_locked_dir_fails_at_once_and_fresh_deletes_nothing(tmp_p
 def test_train_into_a_locked_out_fails_at_once(tmp_path, capsys):
     out = tmp_path / "m.pt"
     with RunLock(run_dir(out)):
-        rc, _, err = _run(capsys, "train", "--epochs", "1", "--out", str(out), "--no-progress")
+        rc, _, err = run_cli(capsys, "train", "--epochs", "1", "--out", str(out), "--no-progress")
     assert rc == 1 and "is in use by another run" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
 
@@ -188,7 +182,7 @@ def test_sigkilled_train_is_resumed_by_the_next_run_to_the_same_weights(tmp_path
     try:
         assert proc.stdout.readline().strip() == "epoch1"
         # while it runs, a second train into the same --out is refused
-        rc, _, err = _run(capsys, *argv, "--out", str(killed))
+        rc, _, err = run_cli(capsys, *argv, "--out", str(killed))
         assert rc == 1 and f"pid {proc.pid}" in err
     finally:
         proc.send_signal(signal.SIGKILL)
@@ -196,10 +190,10 @@ def test_sigkilled_train_is_resumed_by_the_next_run_to_the_same_weights(tmp_path
     assert not killed.exists()
     assert (run_dir(killed) / lockmod.LOCK_NAME).exists()  # left behind by the killed run
 
-    rc, _, err = _run(capsys, *argv, "--out", str(killed))
+    rc, _, err = run_cli(capsys, *argv, "--out", str(killed))
     assert rc == 0, err
     assert "took over the lock" in err and "resuming the interrupted run" in err
-    assert _run(capsys, *argv, "--out", str(straight))[0] == 0
+    assert run_cli(capsys, *argv, "--out", str(straight))[0] == 0
     a = modelio.load_model(killed)[0].state_dict()
     b = modelio.load_model(straight)[0].state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
