@@ -152,8 +152,95 @@ def pattern_t(mask: Tensor, groups: int = 1, flip: bool = False,
 _INDEX_TAG = {torch.int32: "", torch.int16: "16"}
 
 
+# The two paths of each masked op, as functions: the static rule below (``LinearOps``,
+# ``Conv2dOps``) picks one by density; ``auto``'s ``cpp-sparse`` candidate
+# (:mod:`.cpp`) runs the sparse ones at any density. ``ext`` is the op's extension.
+def sparse_linear_forward(ext: ModuleType, x2d: Tensor, w: Tensor, mask: Tensor,
+                          b: Tensor | None) -> Tensor:
+    """``x2d (w ⊙ mask)^T + b`` by SpMM over the cached CSR."""
+    rowptr, col, val = csr(w, mask, index_dtype(w.shape[1]))
+    return ext.spmm(x2d, rowptr, col, val, w.shape[0], b)
+
+
+def dense_linear_forward(x2d: Tensor, w: Tensor, mask: Tensor, b: Tensor | None) -> Tensor:
+    """``x2d (w ⊙ mask)^T + b`` by BLAS on the cached masked weight."""
+    return F.linear(x2d, _cache.masked_weight(w, mask), b)
+
+
+def sparse_linear_grad_input(ext: ModuleType, gy2d: Tensor, w: Tensor, mask: Tensor) -> Tensor:
+    """``gy2d (w ⊙ mask)``, scattered through the forward's CSR (no transposed copy)."""
+    rowptr, col, val = csr(w, mask, index_dtype(w.shape[1]))
+    return ext.spmm_t(gy2d, rowptr, col, val, w.shape[1])
+
+
+def dense_linear_grad_input(gy2d: Tensor, w: Tensor, mask: Tensor) -> Tensor:
+    """``gy2d (w ⊙ mask)`` by BLAS on the cached masked weight."""
+    return gy2d @ _cache.masked_weight(w, mask)
+
+
+def sparse_linear_grad_weight(ext: ModuleType, gy2d: Tensor, x2d: Tensor, mask: Tensor) -> Tensor:
+    """``(gy2d^T x2d) ⊙ mask`` computed at the kept entries only (SDDMM)."""
+    rowptr, col = pattern(mask, index_dtype(mask.shape[1]))
+    return ext.sddmm(gy2d, x2d, rowptr, col)
+
+
+def dense_linear_grad_weight(gy2d: Tensor, x2d: Tensor, mask: Tensor) -> Tensor:
+    """``(gy2d^T x2d) ⊙ mask`` by one dense GEMM, exact zeros at pruned positions."""
+    return _masked_grad(torch.mm(gy2d.t(), x2d), mask)
+
+
+def sparse_conv_forward(ext: ModuleType, x: Tensor, w: Tensor, mask: Tensor, b: Tensor | None,
+                        conv: Conv) -> Tensor:
+    """``conv2d(x, w ⊙ mask, b, *conv)`` by the direct sparse kernel over the cached CSR."""
+    rowptr, col, val = csr(w, mask, index_dtype(mask[0].numel()))
+    return ext.conv_forward(x, rowptr, col, val, list(w.shape), b, *conv)
+
+
+def dense_conv_forward(x: Tensor, w: Tensor, mask: Tensor, b: Tensor | None,
+                       conv: Conv) -> Tensor:
+    """``conv2d(x, w ⊙ mask, b, *conv)`` by oneDNN on the cached masked weight."""
+    stride, padding, dilation, groups = conv
+    return F.conv2d(x, _cache.masked_weight(w, mask), b, stride, padding, dilation, groups)
+
+
+def sparse_conv_grad_input(ext: ModuleType, gy: Tensor, x: Tensor, w: Tensor, mask: Tensor,
+                           conv: Conv) -> Tensor:
+    """Input gradient over the transposed CSR (``x`` gives the shape)."""
+    stride, padding, dilation, groups = conv
+    oc, cg, kh, kw = w.shape
+    index = index_dtype((oc // groups) * kh * kw)  # transposed row length
+    # Stride 1: the input gradient is a plain convolution of gy with the flipped,
+    # transposed weight and padding d*(k-1)-p, which runs the register-blocked kernel.
+    pad_t = [dilation[0] * (kh - 1) - padding[0], dilation[1] * (kw - 1) - padding[1]]
+    if list(stride) == [1, 1] and min(pad_t) >= 0:
+        rowptr, col, val = csr_t(w, mask, groups, flip=True, index=index)
+        return ext.conv_forward(gy, rowptr, col, val, [cg * groups, oc // groups, kh, kw], None,
+                                [1, 1], pad_t, list(dilation), groups)
+    rowptr, col, val = csr_t(w, mask, groups, index=index)
+    return ext.conv_grad_input(gy, list(x.shape), rowptr, col, val, list(w.shape), *conv)
+
+
+def dense_conv_grad_input(gy: Tensor, x: Tensor, w: Tensor, mask: Tensor, conv: Conv) -> Tensor:
+    """Input gradient by aten's convolution backward on the cached masked weight."""
+    return _conv_backward(gy, x, _cache.masked_weight(w, mask), conv, (True, False))[0]
+
+
+def sparse_conv_grad_weight(ext: ModuleType, gy: Tensor, x: Tensor, mask: Tensor,
+                            conv: Conv) -> Tensor:
+    """Weight gradient at the kept entries only, exact zeros elsewhere."""
+    rowptr, col = pattern(mask, index_dtype(mask[0].numel()))
+    return ext.conv_grad_weight(gy, x, rowptr, col, list(mask.shape), *conv)
+
+
+def dense_conv_grad_weight(gy: Tensor, x: Tensor, mask: Tensor, conv: Conv) -> Tensor:
+    """Dense weight gradient by aten's convolution backward, exact zeros at pruned positions."""
+    w_like = x.new_empty(mask.shape)  # only its shape is read
+    return _masked_grad(_conv_backward(gy, x, w_like, conv, (False, True))[1], mask)
+
+
 class LinearOps:
-    """``masked_linear`` backend functions (contract of ``ops/masked_linear.py``)."""
+    """``masked_linear`` backend functions (contract of ``ops/masked_linear.py``): sparse at
+    or below :data:`LINEAR_SPARSE_DENSITY`, dense above."""
 
     def __init__(self, ext: ModuleType) -> None:
         self._ext = ext
@@ -161,27 +248,26 @@ class LinearOps:
     def forward(self, x2d: Tensor, w: Tensor, mask: Tensor, b: Tensor | None) -> Tensor:
         """``x2d (w ⊙ mask)^T + b``."""
         if _use_sparse(x2d, mask, LINEAR_SPARSE_DENSITY):
-            rowptr, col, val = csr(w, mask, index_dtype(w.shape[1]))
-            return self._ext.spmm(x2d, rowptr, col, val, w.shape[0], b)
-        return F.linear(x2d, _cache.masked_weight(w, mask), b)
+            return sparse_linear_forward(self._ext, x2d, w, mask, b)
+        return dense_linear_forward(x2d, w, mask, b)
 
     def grad_input(self, gy2d: Tensor, w: Tensor, mask: Tensor) -> Tensor:
-        """``gy2d (w ⊙ mask)``, scattered through the forward's CSR (no transposed copy)."""
+        """``gy2d (w ⊙ mask)``."""
         if _use_sparse(gy2d, mask, LINEAR_SPARSE_DENSITY):
-            rowptr, col, val = csr(w, mask, index_dtype(w.shape[1]))
-            return self._ext.spmm_t(gy2d, rowptr, col, val, w.shape[1])
-        return gy2d @ _cache.masked_weight(w, mask)
+            return sparse_linear_grad_input(self._ext, gy2d, w, mask)
+        return dense_linear_grad_input(gy2d, w, mask)
 
     def grad_weight(self, gy2d: Tensor, x2d: Tensor, mask: Tensor) -> Tensor:
         """``(gy2d^T x2d) ⊙ mask`` with exact zeros at pruned positions."""
         if _use_sparse(x2d, mask, LINEAR_SPARSE_DENSITY):
-            rowptr, col = pattern(mask, index_dtype(mask.shape[1]))
-            return self._ext.sddmm(gy2d, x2d, rowptr, col)
-        return _masked_grad(torch.mm(gy2d.t(), x2d), mask)
+            return sparse_linear_grad_weight(self._ext, gy2d, x2d, mask)
+        return dense_linear_grad_weight(gy2d, x2d, mask)
 
 
 class Conv2dOps:
-    """``masked_conv2d`` backend functions (contract of ``ops/masked_conv2d.py``)."""
+    """``masked_conv2d`` backend functions (contract of ``ops/masked_conv2d.py``): sparse at
+    or below :data:`CONV_SPARSE_DENSITY` (:data:`CONV_GRAD_WEIGHT_SPARSE_DENSITY` for the
+    weight gradient), dense above."""
 
     def __init__(self, ext: ModuleType) -> None:
         self._ext = ext
@@ -189,37 +275,20 @@ class Conv2dOps:
     def forward(self, x: Tensor, w: Tensor, mask: Tensor, b: Tensor | None, conv: Conv) -> Tensor:
         """``conv2d(x, w ⊙ mask, b, *conv)``."""
         if _use_sparse(x, mask, CONV_SPARSE_DENSITY):
-            rowptr, col, val = csr(w, mask, index_dtype(mask[0].numel()))
-            return self._ext.conv_forward(x, rowptr, col, val, list(w.shape), b, *conv)
-        stride, padding, dilation, groups = conv
-        return F.conv2d(x, _cache.masked_weight(w, mask), b, stride, padding, dilation, groups)
+            return sparse_conv_forward(self._ext, x, w, mask, b, conv)
+        return dense_conv_forward(x, w, mask, b, conv)
 
     def grad_input(self, gy: Tensor, x: Tensor, w: Tensor, mask: Tensor, conv: Conv) -> Tensor:
         """Gradient of the convolution w.r.t. its input (``x`` gives the shape)."""
         if _use_sparse(gy, mask, CONV_SPARSE_DENSITY):
-            stride, padding, dilation, groups = conv
-            oc, cg, kh, kw = w.shape
-            index = index_dtype((oc // groups) * kh * kw)  # transposed row length
-            # Stride 1: the input gradient is a plain convolution of gy with the flipped,
-            # transposed weight and padding d*(k-1)-p, which runs the register-blocked kernel.
-            pad_t = [dilation[0] * (kh - 1) - padding[0], dilation[1] * (kw - 1) - padding[1]]
-            if list(stride) == [1, 1] and min(pad_t) >= 0:
-                rowptr, col, val = csr_t(w, mask, groups, flip=True, index=index)
-                return self._ext.conv_forward(gy, rowptr, col, val,
-                                              [cg * groups, oc // groups, kh, kw], None,
-                                              [1, 1], pad_t, list(dilation), groups)
-            rowptr, col, val = csr_t(w, mask, groups, index=index)
-            return self._ext.conv_grad_input(gy, list(x.shape), rowptr, col, val, list(w.shape),
-                                             *conv)
-        return _conv_backward(gy, x, _cache.masked_weight(w, mask), conv, (True, False))[0]
+            return sparse_conv_grad_input(self._ext, gy, x, w, mask, conv)
+        return dense_conv_grad_input(gy, x, w, mask, conv)
 
     def grad_weight(self, gy: Tensor, x: Tensor, mask: Tensor, conv: Conv) -> Tensor:
         """Weight gradient, exact zeros at pruned positions."""
         if _use_sparse(x, mask, CONV_GRAD_WEIGHT_SPARSE_DENSITY):
-            rowptr, col = pattern(mask, index_dtype(mask[0].numel()))
-            return self._ext.conv_grad_weight(gy, x, rowptr, col, list(mask.shape), *conv)
-        w_like = x.new_empty(mask.shape)  # only its shape is read
-        return _masked_grad(_conv_backward(gy, x, w_like, conv, (False, True))[1], mask)
+            return sparse_conv_grad_weight(self._ext, gy, x, mask, conv)
+        return dense_conv_grad_weight(gy, x, mask, conv)
 
 
 def _masked_grad(gw: Tensor, mask: Tensor) -> Tensor:
@@ -249,5 +318,9 @@ def wrap(op: str, ext: ModuleType) -> Any:
 
 
 __all__ = ["CONV_GRAD_WEIGHT_SPARSE_DENSITY", "CONV_SPARSE_DENSITY", "LINEAR_SPARSE_DENSITY",
-           "Conv2dOps", "LinearOps", "csr", "csr_t", "density", "index_dtype", "pattern",
+           "Conv2dOps", "LinearOps", "csr", "csr_t", "density", "dense_conv_forward",
+           "dense_conv_grad_input", "dense_conv_grad_weight", "dense_linear_forward",
+           "dense_linear_grad_input", "dense_linear_grad_weight", "sparse_conv_forward",
+           "sparse_conv_grad_input", "sparse_conv_grad_weight", "sparse_linear_forward",
+           "sparse_linear_grad_input", "sparse_linear_grad_weight", "index_dtype", "pattern",
            "pattern_t", "register_native", "wrap"]

@@ -60,7 +60,8 @@ MAX_DENSITY = 0.5
 
 
 class SparseLinear:
-    """``masked_linear`` on the CSR kernels at any density (contract of ops/masked_linear)."""
+    """``masked_linear`` on the CSR kernels at any density (contract of ops/masked_linear):
+    :mod:`._cpp_ops`' sparse functions, after :func:`_check_sparse`."""
 
     max_density = MAX_DENSITY
 
@@ -68,32 +69,27 @@ class SparseLinear:
         self._ext = ext
 
     def forward(self, x2d: Tensor, w: Tensor, mask: Tensor, b: Tensor | None) -> Tensor:
-        """``x2d (w ⊙ mask)^T + b`` by SpMM over the cached CSR."""
-        from ._cpp_ops import csr, index_dtype
+        from ._cpp_ops import sparse_linear_forward
 
         _check_sparse(x2d, mask)
-        rowptr, col, val = csr(w, mask, index_dtype(w.shape[1]))
-        return self._ext.spmm(x2d, rowptr, col, val, w.shape[0], b)
+        return sparse_linear_forward(self._ext, x2d, w, mask, b)
 
     def grad_input(self, gy2d: Tensor, w: Tensor, mask: Tensor) -> Tensor:
-        """``gy2d (w ⊙ mask)`` scattered through the forward CSR."""
-        from ._cpp_ops import csr, index_dtype
+        from ._cpp_ops import sparse_linear_grad_input
 
         _check_sparse(gy2d, mask)
-        rowptr, col, val = csr(w, mask, index_dtype(w.shape[1]))
-        return self._ext.spmm_t(gy2d, rowptr, col, val, w.shape[1])
+        return sparse_linear_grad_input(self._ext, gy2d, w, mask)
 
     def grad_weight(self, gy2d: Tensor, x2d: Tensor, mask: Tensor) -> Tensor:
-        """``(gy2d^T x2d) ⊙ mask`` computed at the kept entries only (SDDMM)."""
-        from ._cpp_ops import index_dtype, pattern
+        from ._cpp_ops import sparse_linear_grad_weight
 
         _check_sparse(x2d, mask)
-        rowptr, col = pattern(mask, index_dtype(mask.shape[1]))
-        return self._ext.sddmm(gy2d, x2d, rowptr, col)
+        return sparse_linear_grad_weight(self._ext, gy2d, x2d, mask)
 
 
 class SparseConv2d:
-    """``masked_conv2d`` on the direct sparse kernels at any density."""
+    """``masked_conv2d`` on the direct sparse kernels at any density: :mod:`._cpp_ops`'
+    sparse functions, after :func:`_check_sparse`."""
 
     max_density = MAX_DENSITY
 
@@ -101,40 +97,22 @@ class SparseConv2d:
         self._ext = ext
 
     def forward(self, x: Tensor, w: Tensor, mask: Tensor, b: Tensor | None, conv: Conv) -> Tensor:
-        """``conv2d(x, w ⊙ mask, b, *conv)`` over the cached CSR of the weight."""
-        from ._cpp_ops import csr, index_dtype
+        from ._cpp_ops import sparse_conv_forward
 
         _check_sparse(x, mask)
-        rowptr, col, val = csr(w, mask, index_dtype(mask[0].numel()))
-        return self._ext.conv_forward(x, rowptr, col, val, list(w.shape), b, *conv)
+        return sparse_conv_forward(self._ext, x, w, mask, b, conv)
 
     def grad_input(self, gy: Tensor, x: Tensor, w: Tensor, mask: Tensor, conv: Conv) -> Tensor:
-        """Input gradient over the transposed CSR."""
-        from ._cpp_ops import csr_t, index_dtype
+        from ._cpp_ops import sparse_conv_grad_input
 
         _check_sparse(gy, mask)
-        stride, padding, dilation, groups = conv
-        oc, cg, kh, kw = w.shape
-        index = index_dtype((oc // groups) * kh * kw)  # transposed row length
-        # Stride 1: the input gradient is a plain convolution of gy with the flipped,
-        # transposed weight and padding d*(k-1)-p, which runs the register-blocked kernel.
-        pad_t = [dilation[0] * (kh - 1) - padding[0], dilation[1] * (kw - 1) - padding[1]]
-        if list(stride) == [1, 1] and min(pad_t) >= 0:
-            rowptr, col, val = csr_t(w, mask, groups, flip=True, index=index)
-            return self._ext.conv_forward(gy, rowptr, col, val,
-                                          [cg * groups, oc // groups, kh, kw], None,
-                                          [1, 1], pad_t, list(dilation), groups)
-        rowptr, col, val = csr_t(w, mask, groups, index=index)
-        return self._ext.conv_grad_input(gy, list(x.shape), rowptr, col, val, list(w.shape),
-                                         *conv)
+        return sparse_conv_grad_input(self._ext, gy, x, w, mask, conv)
 
     def grad_weight(self, gy: Tensor, x: Tensor, mask: Tensor, conv: Conv) -> Tensor:
-        """Weight gradient at the kept entries, exact zeros elsewhere."""
-        from ._cpp_ops import index_dtype, pattern
+        from ._cpp_ops import sparse_conv_grad_weight
 
         _check_sparse(x, mask)
-        rowptr, col = pattern(mask, index_dtype(mask[0].numel()))
-        return self._ext.conv_grad_weight(gy, x, rowptr, col, list(mask.shape), *conv)
+        return sparse_conv_grad_weight(self._ext, gy, x, mask, conv)
 
 
 _SPARSE = {"masked_linear": SparseLinear, "masked_conv2d": SparseConv2d}
