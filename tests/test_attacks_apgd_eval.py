@@ -13,14 +13,7 @@ from sparse_adv_fast.attacks.apgd import checkpoints
 from tests.test_attacks_pgd import binary_linear
 from tests.tolerances import assert_close
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: intra-op threads only add contention on a shared CPU.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def trained():

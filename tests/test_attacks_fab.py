@@ -6,20 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import blob_mlp
 from torch import nn
 
 from sparse_adv_fast.attacks import FAB, fab
 from sparse_adv_fast.attacks.fab import project_hyperplane_box
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: intra-op threads only add contention on a shared CPU (6x slower here).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
@@ -111,24 +104,9 @@ def test_eps_mode_returns_only_points_inside_the_ball_and_targets_are_top_classe
         fab(model, x, y, restarts=2)
 
 
-def _trained_blobs():
-    torch.manual_seed(0)
-    c, d, n = 5, 20, 150
-    centers = 0.3 + 0.4 * torch.rand(c, d)
-    y = torch.arange(n) % c
-    x = (centers[y] + 0.1 * torch.randn(n, d)).clamp(0, 1)
-    model = nn.Sequential(nn.Linear(d, 32), nn.ReLU(), nn.Linear(32, c))
-    opt = torch.optim.Adam(model.parameters(), 2e-2)
-    for _ in range(60):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    return model.eval(), x, y
-
-
 def test_robust_accuracy_agrees_with_torchattacks_fab():
     torchattacks = pytest.importorskip("torchattacks")
-    model, x, y = _trained_blobs()
+    model, x, y = blob_mlp(5, 20, 150, noise=0.1, steps=60)
     eps = 0.06
     ours = fab(model, x, y, eps=eps)
     ta = torchattacks.FAB(model, norm="Linf", eps=eps, steps=100, n_restarts=1,

@@ -12,14 +12,7 @@ from sparse_adv_fast.attacks import Square, square
 from sparse_adv_fast.attacks.square import p_schedule
 from tests.test_autoattack import at_blobs
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: intra-op threads only add contention on a shared CPU (6x slower here).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class QueryLog(nn.Module):

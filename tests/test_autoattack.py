@@ -13,14 +13,7 @@ from torch import nn
 
 from sparse_adv_fast.attacks import AutoAttack, GradientMaskingWarning, evaluate
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: intra-op threads only add contention on a shared CPU (6x slower here).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.lru_cache(maxsize=1)

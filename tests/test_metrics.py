@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import blob_mlp
 from torch import nn
 
 import sparse_adv_fast as saf
@@ -18,13 +19,7 @@ def _torch_backend():
     backends.use("torch")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: intra-op threads only add contention on a shared CPU.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _linear(w, b) -> nn.Linear:
@@ -193,17 +188,7 @@ def test_radius_equals_the_minimal_perturbation_of_a_linear_model(norm):
 
 
 def test_radius_correlates_with_fab_on_a_nonlinear_model():
-    torch.manual_seed(0)
-    c, d, n = 4, 10, 80
-    centers = 0.3 + 0.4 * torch.rand(c, d)
-    y = torch.arange(n) % c
-    x = (centers[y] + 0.15 * torch.randn(n, d)).clamp(0, 1)
-    model = nn.Sequential(nn.Linear(d, 32), nn.Tanh(), nn.Linear(32, c))
-    opt = torch.optim.Adam(model.parameters(), 2e-2)
-    for _ in range(80):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
+    model, x, y = blob_mlp(4, 10, 80, noise=0.15, steps=80, act=nn.Tanh)
     res = saf.metrics.radius_vs_minimal_perturbation(model, x[:40], y[:40], steps=50)
     assert res["n"] >= 30 and len(res["radius"]) == len(res["minimal"]) == res["n"]
     assert res["spearman"] > 0.6 and res["pearson"] > 0.6
