@@ -136,15 +136,9 @@ def apgd_t(
         raise ValueError(f"{where}: targets_at_once must be None or an integer >= 1, got "
                          f"{targets_at_once!r}")
     with H.attack_mode(model):
-        H.check_batch(where, x, y, lo, hi)
-        x = x.detach().contiguous()
-        y = y.to(device=x.device, dtype=torch.long)
-        with torch.no_grad():
-            logits = model(x)
-        H.check_labels(where, y, logits.shape[1], MIN_CLASSES[("dlr", True)])
-        targets = top_targets(logits, y, n_target_classes)
+        x, y, targets, todo = targeted_start(where, model, x, y, lo, hi, n_target_classes,
+                                             MIN_CLASSES[("dlr", True)])
         out = x.clone()
-        todo = (logits.argmax(1) == y).nonzero().squeeze(1)
         per = targets_at_once or max(1, _ROWS_PER_RUN // max(1, todo.numel()))
         for k0 in range(0, targets.shape[1], per):
             if todo.numel() == 0:
@@ -163,6 +157,24 @@ def apgd_t(
             fooled_any = won.reshape(reps, n).any(0)
             todo = todo[~fooled_any]
         return out.detach()
+
+
+def targeted_start(where: str, model: nn.Module, x: Tensor, y: Tensor, lo: float, hi: float,
+                   n_target_classes: int, min_classes: int = 2
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The common start of the targeted attacks (APGD-T, FAB-T), inside ``attack_mode``: the
+    batch checked, detached and contiguous, ``y`` as long on its device, the labels checked
+    against the clean logits, the :func:`top_targets` of each sample and the indices of
+    the correctly classified ones (the only rows attacked): ``(x, y, targets, todo)``."""
+    H.check_batch(where, x, y, lo, hi)
+    x = x.detach().contiguous()
+    y = y.to(device=x.device, dtype=torch.long)
+    with torch.no_grad():
+        logits = model(x)
+    H.check_labels(where, y, logits.shape[1], min_classes)
+    targets = top_targets(logits, y, n_target_classes)
+    todo = (logits.argmax(1) == y).nonzero().squeeze(1)
+    return x, y, targets, todo
 
 
 def top_targets(logits: Tensor, y: Tensor, n: int) -> Tensor:

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _hygiene as H
-from .apgd import N_TARGET_CLASSES, top_targets
+from .apgd import N_TARGET_CLASSES, targeted_start
 
 ALPHA_MAX, ETA, BETA = 0.1, 1.05, 0.9
 _TINY = 1e-12
@@ -102,17 +102,10 @@ def fab(
     if not (isinstance(eta, (int, float)) and eta >= 1.0):
         raise ValueError(f"{where}: eta must be a number >= 1, got {eta!r}")
     with H.attack_mode(model):
-        H.check_batch(where, x, y, lo, hi)
-        x = x.detach().contiguous()
-        y = y.to(device=x.device, dtype=torch.long)
-        with torch.no_grad():
-            logits = model(x)
-        H.check_labels(where, y, logits.shape[1])
-        targets = top_targets(logits, y, n_target_classes)
+        x, y, targets, todo = targeted_start(where, model, x, y, lo, hi, n_target_classes)
         n = x.shape[0]
         best = x.clone()
         best_norm = torch.full((n,), float("inf"), device=x.device, dtype=x.dtype)
-        todo = (logits.argmax(1) == y).nonzero().squeeze(1)
         per = targets_at_once or targets.shape[1]
         for r in range(restarts):
             for k0 in range(0, targets.shape[1], per):
