@@ -3,14 +3,18 @@ thread on request (``one_thread``) and the CLI runner (``run_cli``)."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 # The suite never reads or writes the user's dispatch cache (~/.cache/sparse_adv_fast): a
 # fresh file for this run, inherited by subprocess tests; tests that test the cache set
 # their own.
-os.environ.setdefault("SPARSE_ADV_FAST_DISPATCH_CACHE",
-                      os.path.join(tempfile.mkdtemp(prefix="saf-tests-"), "dispatch.json"))
+if not os.environ.get("SPARSE_ADV_FAST_DISPATCH_CACHE"):
+    _cache_dir = tempfile.mkdtemp(prefix="saf-tests-")
+    atexit.register(shutil.rmtree, _cache_dir, True)
+    os.environ["SPARSE_ADV_FAST_DISPATCH_CACHE"] = os.path.join(_cache_dir, "dispatch.json")
 
 # Without a GPU, Triton kernels run in the interpreter; it must be chosen before triton is
 # first imported, and the suite runs in one process, so it is set here, first.
