@@ -92,7 +92,6 @@ def test_file_errors_are_one_line(tmp_path):
 def test_yaml_files_and_a_clear_error_without_pyyaml(tmp_path, monkeypatch):
     y = tmp_path / "c.yaml"
     y.write_text("n: 5\nname: b\n# a comment\n")
-    pytest.importorskip("yaml")
     assert C.load(Toy, y) == Toy(n=5, name="b")
     real = builtins.__import__
 

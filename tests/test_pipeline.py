@@ -83,7 +83,7 @@ def test_corrupt_stage_file_is_a_clear_error_naming_it(tmp_path):
 
 def test_foreign_file_under_a_stage_name_is_rejected(tmp_path):
     r = _runner(tmp_path)
-    saf_ckpt = pytest.importorskip("sparse_adv_fast.checkpoint")
+    from sparse_adv_fast import checkpoint as saf_ckpt
     saf_ckpt.save_atomic({"stage": "other", "result": 1}, r.path("s1"))
     with pytest.raises(StageError, match="not a result of stage 's1'"):
         r.run("s1", Counter(2))
