@@ -33,13 +33,26 @@ import torch
 
 from sparse_adv_fast import backends
 
+# The backend choice of the session: every test starts from it and returns to it, so a
+# fixture of wider scope that forces a backend cannot leak into later modules.
+_SESSION_BACKEND = backends.current()
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_reset_backend():
     torch.manual_seed(0)
-    prev = backends.current()
+    backends.use(_SESSION_BACKEND)
     yield
-    backends.use(prev)
+    backends.use(_SESSION_BACKEND)
+
+
+@pytest.fixture
+def torch_backend():
+    """The torch reference backend for the test: for tests of logic above the kernels
+    (pipeline, pruning, CLI), which then build no native extension and time no candidates.
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("torch_backend")``."""
+    with backends.using("torch"):
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -15,14 +15,9 @@ import sparse_adv_fast as saf
 from sparse_adv_fast import cli
 from sparse_adv_fast.pipeline import commands, modelio
 
+pytestmark = pytest.mark.usefixtures("torch_backend")
+
 COMMANDS = ("demo", "study", "train", "prune", "iwi", "eval", "bench", "info")
-
-
-@pytest.fixture(autouse=True)
-def _torch_backend():
-    # What is tested here is the pipeline, not the kernels: the torch reference ops avoid
-    # building native extensions inside these tests (conftest restores the choice).
-    saf.backends.use("torch")
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)

@@ -16,10 +16,7 @@ from sparse_adv_fast.finite import first_nonfinite
 from sparse_adv_fast.pipeline import commands, modelio
 from sparse_adv_fast.pipeline.commands import run_dir
 
-
-@pytest.fixture(autouse=True)
-def _torch_backend():
-    saf.backends.use("torch")
+pytestmark = pytest.mark.usefixtures("torch_backend")
 
 
 def _one_line(err):

@@ -21,17 +21,14 @@ from sparse_adv_fast import cli
 from sparse_adv_fast.pipeline import study
 from sparse_adv_fast.pipeline import study_config as sc
 
+pytestmark = pytest.mark.usefixtures("torch_backend")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # On top of --quick: two arms, one seed, 4 steps per epoch, 2-step attacks, 40 test images,
 # in this process (workers=1): a few seconds per run.
 TINY = ["arms=dense_at,imp", "train_subset=200", "batch_size=64", "val_size=40",
         "test_subset=40", "train_steps=1", "val_attacks=pgd2", "eval_attacks=pgd2", "workers=1"]
-
-
-@pytest.fixture(autouse=True)
-def _torch_backend():
-    saf.backends.use("torch")
 
 
 def _config(*argv):
@@ -115,13 +112,13 @@ def test_bad_input_exits_2_before_any_work(capsys, tmp_path, monkeypatch, argv, 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """One tiny study through the CLI: a config file, then --quick, then overrides."""
-    saf.backends.use("torch")
     base = tmp_path_factory.mktemp("cli_study")
     cfg = base / "tiny.json"
     cfg.write_text(json.dumps({"seeds": [0], "start_epochs": 1}))
     out = base / "run"
     argv = [str(cfg), "--quick", "--out", str(out), "--no-progress", *TINY]
-    rc = cli.main(["study", *argv])
+    with saf.backends.using("torch"):
+        rc = cli.main(["study", *argv])
     assert rc == 0
     return out, argv
 

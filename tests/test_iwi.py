@@ -7,12 +7,8 @@ import torch
 from torch import nn
 
 import sparse_adv_fast as saf
-from sparse_adv_fast import backends
 
-
-@pytest.fixture(autouse=True)
-def _torch_backend():
-    backends.use("torch")
+pytestmark = pytest.mark.usefixtures("torch_backend")
 
 
 def _cnn(w: int, pool: bool = False) -> nn.Module:

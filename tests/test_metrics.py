@@ -10,16 +10,9 @@ from conftest import blob_mlp
 from torch import nn
 
 import sparse_adv_fast as saf
-from sparse_adv_fast import backends
 from sparse_adv_fast.metrics import margins, robustness_report
 
-
-@pytest.fixture(autouse=True)
-def _torch_backend():
-    backends.use("torch")
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "torch_backend")
 
 
 def _linear(w, b) -> nn.Linear:

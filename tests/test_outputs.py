@@ -15,10 +15,7 @@ from sparse_adv_fast.pipeline import commands, modelio, outputs
 from sparse_adv_fast.pipeline.commands import run_dir
 from sparse_adv_fast.pipeline.outputs import OutputPathError, check_output_dir, check_output_file
 
-
-@pytest.fixture(autouse=True)
-def _torch_backend():
-    saf.backends.use("torch")
+pytestmark = pytest.mark.usefixtures("torch_backend")
 
 
 @pytest.fixture

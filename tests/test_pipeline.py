@@ -12,12 +12,7 @@ from sparse_adv_fast import cli
 from sparse_adv_fast.pipeline import modelio
 from sparse_adv_fast.pipeline.stages import StageError, StageRunner
 
-
-@pytest.fixture(autouse=True)
-def _torch_backend():
-    # What is tested here is the pipeline, not the kernels: the torch reference ops avoid
-    # building native extensions inside these tests (conftest restores the choice).
-    saf.backends.use("torch")
+pytestmark = pytest.mark.usefixtures("torch_backend")
 
 
 # ---- stage runner ---------------------------------------------------------------------------
@@ -197,9 +192,9 @@ def _same_weights(a, b):
 
 @pytest.fixture(scope="module")
 def dense_ckpt(tmp_path_factory):
-    saf.backends.use("torch")
     path = tmp_path_factory.mktemp("dense") / "m.pt"
-    assert cli.main(["train", "--method", "natural", *TINY, "--out", str(path)]) == 0
+    with saf.backends.using("torch"):
+        assert cli.main(["train", "--method", "natural", *TINY, "--out", str(path)]) == 0
     return path
 
 

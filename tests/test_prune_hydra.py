@@ -11,12 +11,8 @@ from torch import nn
 from torch.nn.utils import prune as tprune
 
 import sparse_adv_fast as saf
-from sparse_adv_fast import backends
 
-
-@pytest.fixture(autouse=True)
-def _torch_backend():
-    backends.use("torch")  # pruning logic is backend-independent
+pytestmark = pytest.mark.usefixtures("torch_backend")
 
 
 def natural(model, x, y):

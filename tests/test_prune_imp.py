@@ -7,13 +7,9 @@ import torch
 from torch import nn
 
 import sparse_adv_fast as saf
-from sparse_adv_fast import backends
 from sparse_adv_fast.prune import Ticket
 
-
-@pytest.fixture(autouse=True)
-def _torch_backend():
-    backends.use("torch")  # pruning logic is backend-independent
+pytestmark = pytest.mark.usefixtures("torch_backend")
 
 
 def _net() -> nn.Module:

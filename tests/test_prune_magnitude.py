@@ -10,14 +10,8 @@ from torch import nn
 from torch.nn.utils import prune as tprune
 
 import sparse_adv_fast as saf
-from sparse_adv_fast import backends
 
-
-@pytest.fixture(autouse=True)
-def _torch_backend():
-    # Pruning logic is backend-independent (the ops have their own tests): the reference
-    # backend keeps these tests quick and free of native builds.
-    backends.use("torch")
+pytestmark = pytest.mark.usefixtures("torch_backend")
 
 
 def _net() -> nn.Module:

@@ -12,17 +12,13 @@ import numpy as np
 import pytest
 from conftest import run_cli
 
-import sparse_adv_fast as saf
 from sparse_adv_fast import config
 from sparse_adv_fast.pipeline import modelio
 from sparse_adv_fast.pipeline.command_config import COMMANDS
 
+pytestmark = pytest.mark.usefixtures("torch_backend")
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-@pytest.fixture(autouse=True)
-def _torch_backend():
-    saf.backends.use("torch")
 
 
 def _idx(arr: np.ndarray) -> bytes:

@@ -16,16 +16,12 @@ import pytest
 import torch
 from conftest import run_cli
 
-import sparse_adv_fast as saf
 from sparse_adv_fast.pipeline import lock as lockmod
 from sparse_adv_fast.pipeline import modelio
 from sparse_adv_fast.pipeline.commands import run_dir
 from sparse_adv_fast.pipeline.lock import RunLock, RunLockedError
 
-
-@pytest.fixture(autouse=True)
-def _torch_backend():
-    saf.backends.use("torch")
+pytestmark = pytest.mark.usefixtures("torch_backend")
 
 
 def _dead_pid() -> int:
