@@ -247,3 +247,47 @@ def test_fresh_discards_an_interrupted_run_and_starts_over(tmp_path, monkeypatch
     err = capsys.readouterr().err
     assert "resuming" not in err and not run_dir(out).exists()
     assert modelio.load_model(out)[1]["meta"]["history"]["resumed_from_epoch"] is None
+
+
+def test_prune_imp_rewinds_to_the_early_weights_train_kept(dense_ckpt, tmp_path, monkeypatch):
+    """Lottery-ticket rewinding (Frankle et al. 2020): each IMP round after the first
+    starts from the weights ``train`` saved after its first epoch, masked — not from the
+    trained weights (that would be pruning plus fine-tuning)."""
+    from sparse_adv_fast.pipeline import commands
+
+    blob = saf.checkpoint.load(dense_ckpt)
+    early = blob["meta"]["rewind_state"]
+    assert blob["meta"]["rewind_at"] >= 1
+    trained = blob["state_dict"]
+    assert any(not torch.equal(early[k], trained[k]) for k in trained)
+
+    starts = []
+    real = commands.fit_stage
+
+    def record(model, loaders, *, stage, **kw):
+        starts.append((stage, {k: v.detach().clone() for k, v in model.state_dict().items()}))
+        return real(model, loaders, stage=stage, **kw)
+
+    monkeypatch.setattr(commands, "fit_stage", record)
+    out = tmp_path / "imp.pt"
+    assert cli.main(["prune", str(dense_ckpt), "--method", "imp", "--rounds", "2",
+                     "--sparsity", "0.75", "--train-method", "natural", *TINY,
+                     "--out", str(out)]) == 0
+    stage, state = next((s, st) for s, st in starts if s == "imp_round2")
+    for name, mask in ((k[: -len("_mask")], v) for k, v in state.items()
+                       if k.endswith("weight_mask")):
+        assert not bool(mask.all())
+        torch.testing.assert_close(state[name], early[name] * mask, rtol=0, atol=0)
+    # The output carries the rewind point on, so it can be pruned further by IMP.
+    assert saf.checkpoint.load(out)["meta"]["rewind_at"] == blob["meta"]["rewind_at"]
+
+
+def test_prune_imp_without_a_rewind_point_is_refused(tmp_path, capsys):
+    model = saf.models.build("small_cnn", "digits")
+    path = tmp_path / "bare.pt"
+    modelio.save_model(model, modelio.arch_spec("small_cnn", "digits"), path)
+    rc = cli.main(["prune", str(path), "--method", "imp", "--sparsity", "0.5", *TINY,
+                   "--out", str(tmp_path / "o.pt")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "no early-training weights to rewind to" in err[0]
+    assert not (tmp_path / "o.pt").exists()

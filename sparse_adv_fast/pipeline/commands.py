@@ -16,6 +16,7 @@ written, and kept after a failure (e.g. divergence: the last finished epoch is t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib
 import itertools
@@ -226,12 +227,15 @@ def train(
                     steps=steps, batch_size=batch_size, seed=seed, data_dir=data_dir,
                     **_extras(fit_settings, augment))
     loaders = _train_val(dataset, batch_size, data_dir, seed, augment)
+    if fit_cfg.rewind_at is None:  # the rewind point of a later `prune --method imp`
+        fit_cfg = dataclasses.replace(fit_cfg, rewind_at=len(loaders[0]))
     with _run(out_path, settings, fresh) as runner, runtime.threads_for(dataset):
         hist = fit_stage(net, loaders, seed=seed, stage="train",
                          checkpoint=runner.scratch("train"), where=str(out_path),
                          config=fit_cfg, progress=progress)
         modelio.save_model(net, arch, out_path, method=method, eps=eps, epochs=epochs,
-                           history=hist.as_dict())
+                           history=hist.as_dict(), rewind_at=fit_cfg.rewind_at,
+                           rewind_state=hist.rewind_state)
         _save_config(out_path, settings, fit_cfg)
     return {"out": str(out_path), "history": hist.as_dict()}
 
@@ -257,12 +261,13 @@ def prune(
 ) -> dict[str, Any]:
     """Prune a saved model; ``imp`` / ``hydra`` also train (``epochs`` per round / fine-tune).
 
-    ``magnitude`` / ``random`` prune once (no training). ``imp`` uses the checkpoint's
-    weights as the rewind point: ``rounds`` rounds of train, prune, rewind, then the final
-    ticket is trained. ``hydra`` learns scores for ``epochs`` epochs, then fine-tunes the
-    weights as long. The training methods are resumable (see the module doc).
-    ``augment`` and ``fit_settings`` as for :func:`train`; the resolved config is saved in
-    ``<out>.config.json``.
+    ``magnitude`` / ``random`` prune once (no training). ``imp`` rewinds to the
+    early-training weights ``train`` kept in the checkpoint (after its first epoch, or
+    ``rewind_at`` iterations; Frankle et al. 2020): ``rounds`` rounds of train, prune,
+    rewind, then the final ticket is trained. ``hydra`` learns scores for ``epochs``
+    epochs, then fine-tunes the weights as long. The training methods are resumable (see
+    the module doc). ``augment`` and ``fit_settings`` as for :func:`train`; the resolved
+    config is saved in ``<out>.config.json``.
     """
     if method not in PRUNE_METHODS:
         raise ValueError(f"unknown prune method {method!r}; choose one of {PRUNE_METHODS}")
@@ -278,7 +283,7 @@ def prune(
         else:
             net = p.random(net, sparsity, scope=scope,
                            generator=torch.Generator().manual_seed(seed))
-        res = _save_pruned(net, arch, out_path, method, sparsity, scope)
+        res = _save_pruned(net, arch, out_path, method, sparsity, scope, blob)
         _save_config(out_path, dict(command="prune", checkpoint=_digest(checkpoint),
                                     method=method, sparsity=sparsity, scope=scope, seed=seed),
                      None)
@@ -297,25 +302,45 @@ def prune(
     with _run(out_path, settings, fresh) as runner, runtime.threads_for(arch["dataset"]):
         if method == "imp":
             net = _imp(net, runner, loaders, sparsity=sparsity, rounds=rounds, scope=scope,
-                       seed=seed, kw=dict(kw, where=str(out_path)))
+                       seed=seed, rewind_state=_rewind_state(blob, checkpoint),
+                       kw=dict(kw, where=str(out_path)))
         else:
             net = _hydra(net, arch, runner, loaders, sparsity=sparsity, scope=scope,
                          epochs=epochs, eps=eps, steps=steps, seed=seed, progress=progress)
         fit_stage(net, loaders, seed=seed, stage="finetune",
                   checkpoint=runner.scratch("finetune"), where=str(out_path), **kw)
-        res = _save_pruned(net, arch, out_path, method, sparsity, scope)
+        res = _save_pruned(net, arch, out_path, method, sparsity, scope, blob)
         _save_config(out_path, settings, fit_cfg)
         return res
 
 
+def _rewind_state(blob: dict[str, Any], checkpoint: str) -> dict[str, Any]:
+    """The early-training weights ``train`` kept in ``blob`` (the lottery-ticket rewind
+    point); rewinding to the trained weights instead would be pruning plus fine-tuning."""
+    state = blob.get("meta", {}).get("rewind_state")
+    if not isinstance(state, dict) or not state:
+        raise ValueError(
+            f"checkpoint {checkpoint!r} holds no early-training weights to rewind to; IMP "
+            "with rewinding needs a checkpoint written by `sparse-adv-fast train` (it keeps "
+            "the weights after the first epoch) or by a prune of one"
+        )
+    check_finite(state, f"checkpoint {checkpoint!r} (rewind state)")
+    return state
+
+
 def _save_pruned(net: nn.Module, arch: dict[str, Any], out: Path, method: str,
-                 sparsity: float, scope: str) -> dict[str, Any]:
-    modelio.save_model(net, arch, out, pruned_by=method, sparsity=sparsity, scope=scope)
+                 sparsity: float, scope: str, source: dict[str, Any]) -> dict[str, Any]:
+    # The source's rewind point travels on, so a pruned model can be pruned further by IMP.
+    keep = {k: source["meta"][k] for k in ("rewind_at", "rewind_state")
+            if k in source.get("meta", {})}
+    modelio.save_model(net, arch, out, pruned_by=method, sparsity=sparsity, scope=scope,
+                       **keep)
     return {"out": str(out), "sparsity": modelio.zero_fraction(net)}
 
 
 def _imp(net: nn.Module, runner: StageRunner, loaders: tuple, *, sparsity: float,
-         rounds: int, scope: str, seed: int, kw: dict[str, Any]) -> nn.Module:
+         rounds: int, scope: str, seed: int, rewind_state: dict[str, Any],
+         kw: dict[str, Any]) -> nn.Module:
     # Each round trains with its own fit checkpoint: a resumed run replays finished rounds
     # from their final checkpoints (no training) and continues the interrupted one.
     start = _lib("nn").sparsity(net) if modelio.is_masked(net) else 0.0
@@ -327,7 +352,8 @@ def _imp(net: nn.Module, runner: StageRunner, loaders: tuple, *, sparsity: float
         stage = f"imp_round{next(counter)}"
         fit_stage(m, loaders, seed=seed, stage=stage, checkpoint=runner.scratch(stage), **kw)
 
-    _lib("prune").imp(net, train_round, sparsities=schedule, scope=scope)
+    _lib("prune").imp(net, train_round, sparsities=schedule, scope=scope,
+                      rewind_state=rewind_state)
     return net
 
 
