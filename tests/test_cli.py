@@ -157,3 +157,14 @@ def test_train_prune_iwi_eval_chain(capsys, tmp_path):
     res = json.loads(out)
     assert res["sparsity"] == pytest.approx(0.75, abs=0.01) and res["eps"] == 0.1
     assert 0.0 <= res["robust"]["fgsm"] <= res["clean"] <= 1.0 and res["n"] == 128
+
+    rc, out, err = run_cli(capsys, "eval", p, "--attacks", "autoattack", "--max-batches", "1",
+                           "--batch-size", "16", "--no-progress")
+    assert rc == 0, err
+    res = json.loads(out)
+    aa = res["details"]["autoattack"]
+    after = list(aa["robust_after"].values())
+    assert list(aa["robust_after"]) == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert all(b <= a for a, b in zip([res["clean"], *after], after, strict=False))
+    assert after[-1] == pytest.approx(res["robust"]["autoattack"])
+    assert isinstance(aa["gradient_masking"]["suspected"], bool)

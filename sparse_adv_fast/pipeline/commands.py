@@ -452,6 +452,9 @@ def evaluate(
         "robust": {k: float(v) for k, v in res["robust"].items()},
         "worst_case": float(res["worst_case"]),
         "n": int(res["n"]),
+        # Per-suite reports where a suite gives one (autoattack: accuracy after each stage,
+        # what each stage broke, the gradient-masking verdict and its reasons).
+        "details": {name: res[name] for name in attacks if isinstance(res.get(name), dict)},
     }
 
 
