@@ -110,13 +110,57 @@ def end_to_end_table(groups: dict[str, list[dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+SPARSITY_AXIS = {"dense": 0.0, "layer90": 0.90, "layer95": 0.95, "layer99": 0.99,
+                 "global90": 0.90, "global95": 0.95}
+
+
+def speedup_plot(groups: dict[str, list[dict]], path: Path, task: str = "pgd10",
+                 impl: str = "saf") -> None:
+    """PNG: ``impl``'s speed-up over the group baseline against sparsity, one line per model
+    and pruning scope (end-to-end groups named ``<task> <model> <sparsity>``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for g, rows in groups.items():
+        parts = g.split()
+        if len(parts) != 3 or parts[0] != task or parts[2] not in SPARSITY_AXIS:
+            continue
+        base = _baseline(rows)
+        mine = next((r for r in rows if r.get("extra_info", {}).get("impl") == impl), None)
+        if base is None or mine is None:
+            continue
+        speed = base["stats"]["median"] / mine["stats"]["median"]
+        sp = SPARSITY_AXIS[parts[2]]
+        scopes = ("layer", "global") if parts[2] == "dense" else (parts[2].rstrip("0123456789"),)
+        for scope in scopes:  # the dense point starts both curves
+            series[f"{parts[1]} {scope}"].append((sp, speed))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, pts in sorted(series.items()):
+        xs, ys = zip(*sorted(pts), strict=True)
+        ax.plot([100 * x for x in xs], ys, marker="o", label=name)
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("sparsity (%)")
+    ax.set_ylabel(f"{task} speed-up of {impl} over the baseline")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Print (or write) the ratio table for a pytest-benchmark JSON file."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("json", type=Path)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--plot", type=Path, help="PNG of the PGD-10 speed-up against sparsity")
     args = ap.parse_args(argv)
-    md = table(json.loads(args.json.read_text()))
+    data = json.loads(args.json.read_text())
+    md = table(data)
+    if args.plot:
+        speedup_plot(_groups(data), args.plot)
     if args.out:
         args.out.write_text(md)
     print(md)
