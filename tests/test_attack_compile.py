@@ -49,11 +49,16 @@ def _check_compiled_matches_eager(backend: str) -> None:
     assert _core.compiled(net, backend) is fast  # built once per model, reused
     assert_close(fast(x), net(x))
     assert_close(_input_grad(fast, x, y), _input_grad(net, x, y))
+    calls = []
+    fast.register_forward_pre_hook(lambda m, a: calls.append(1))  # the compiled module runs
     for random_start in (False, True):
         torch.manual_seed(7)
         want = saf.attacks.pgd(net, x, y, random_start=random_start, **ATTACK)
+        assert not calls
         torch.manual_seed(7)
         got = saf.attacks.pgd(net, x, y, random_start=random_start, compile=backend, **ATTACK)
+        assert calls, "pgd(compile=...) must run the compiled module"
+        calls.clear()
         assert_close(got, want)
     assert net.training and all(p.requires_grad for p in net.parameters())  # restored
 

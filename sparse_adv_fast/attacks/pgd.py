@@ -94,13 +94,14 @@ def pgd(
     """
     return run_pgd("pgd", model, x, y, eps=eps, alpha=alpha, steps=steps, norm=norm,
                    random_start=random_start, restarts=restarts, targeted=targeted, loss=loss,
-                   clip=clip, early_stop=early_stop, x_init=x_init)
+                   clip=clip, early_stop=early_stop, x_init=x_init, compile=compile)
 
 
 def run_pgd(
     where: str, model: nn.Module, x: Tensor, y: Tensor, *, eps: float, alpha: float,
     steps: int, norm: str, random_start: bool, restarts: int, targeted: bool, loss: str,
     clip: tuple[float, float], early_stop: bool, x_init: Tensor | None,
+    compile: bool | str = False,
 ) -> Tensor:
     """:func:`pgd` with ``where`` naming the public entry point in error messages."""
     lo, hi = H.check_config(where, eps=eps, norm=norm, loss=loss, alpha=alpha, steps=steps,
@@ -112,6 +113,8 @@ def run_pgd(
                              f"(restarts * batch, ...), got "
                              f"{getattr(x_init, 'shape', type(x_init).__name__)}")
     with H.attack_mode(model):
+        if compile:  # the compiled module shares model's parameters, buffers and modes
+            model = _core.compiled(model, "inductor" if compile is True else compile)
         # With steps, the labels are checked on the first step's forward (no extra one).
         b = _core.prepare(where, model, x, y, loss=loss, targeted=targeted, restarts=restarts,
                           lo=lo, hi=hi, defer_labels=steps > 0)
