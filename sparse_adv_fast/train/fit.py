@@ -10,6 +10,7 @@ per batch, whose attack radius comes from :func:`_attack_config`), :func:`_valid
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -345,8 +346,9 @@ def _start(run: _Run, resume: bool) -> tuple[int, bool]:
         run.emit(f"resumed from {path} after epoch {start}")
     if stopped:
         return start, True
-    # A NaN start would train to NaN and look like divergence; name the real cause.
-    check_finite(run.model, "fit: the model given to fit")
+    if start == 0:  # a resumed model was checked with its checkpoint (check_saved_finite)
+        # A NaN start would train to NaN and look like divergence; name the real cause.
+        check_finite(run.model, "fit: the model given to fit")
     if run.cfg.rewind_at == 0 and run.history.rewind_state is None:
         run.history.rewind_state = _cpu_state(run.model)
     return start, False
@@ -393,9 +395,7 @@ def _attack_config(run: _Run, iteration: int) -> MethodConfig:
     if run.warmup_iters == 0 or iteration >= run.warmup_iters:
         return run.attack
     f = iteration / run.warmup_iters
-    return MethodConfig(eps=run.attack.eps * f, alpha=run.attack.alpha * f,
-                        steps=run.attack.steps, norm=run.attack.norm, beta=run.attack.beta,
-                        clip=run.attack.clip)
+    return dataclasses.replace(run.attack, eps=run.attack.eps * f, alpha=run.attack.alpha * f)
 
 
 def _train_step(run: _Run, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -489,7 +489,9 @@ def _checkpoint(run: _Run, epoch: int, stopped: bool) -> None:
     """Write the full training state after ``epoch`` (if the run has a checkpoint file)."""
     if run.path is None:
         return
-    _save_if_finite(run.path, {
+    # No finiteness scan here: the epoch's _check_weights passed just before, and a
+    # roll-back restores a state captured after such a check.
+    ckpt_io.save_atomic({
         "format": FORMAT, "epoch": epoch, "method": run.cfg.method, "stopped": stopped,
         "config": run.settings, "model": run.model.state_dict(),
         "optimizer": run.opt.state_dict(),
@@ -497,7 +499,7 @@ def _checkpoint(run: _Run, epoch: int, stopped: bool) -> None:
         "rng": rng.capture(run.gens), "history": run.history.as_dict(),
         "detector": run.detector.state_dict() if run.check_co else None,
         "rewind_state": run.history.rewind_state,
-    }, epoch)
+    }, run.path)
 
 def _resume(
     path: Path, settings: Mapping[str, Any], model: nn.Module, opt: torch.optim.Optimizer,
@@ -527,17 +529,6 @@ def _resume(
     history.rewind_state = saved["rewind_state"]
     history.resumed_from_epoch = int(saved["epoch"])
     return history, bool(saved["stopped"])
-
-
-def _save_if_finite(path: Path, state: dict[str, Any], epoch: int) -> None:
-    """Write the checkpoint atomically unless its weights are non-finite.
-
-    The epoch's own check normally raises first; this guard makes "a checkpoint never
-    holds NaN/Inf weights" hold on every path (the roll-back included), so the last good
-    checkpoint is never replaced by a bad one.
-    """
-    check_finite(state["model"], f"fit: epoch {epoch} not saved to {path}")
-    ckpt_io.save_atomic(state, path)
 
 
 _ADVICE = "lower the learning rate or check the data"
