@@ -55,8 +55,6 @@ def _number(cast: Any, ok: Any, not_a_number: str, out_of_range: str) -> Any:
 _sparsity = _number(float, lambda v: 0.0 <= v < 1.0, "sparsity must be a number",
                     "sparsity must be in [0, 1)")
 _positive_int = _number(int, lambda v: v >= 1, *["expected a positive integer"] * 2)
-_nonneg_int = _number(int, lambda v: v >= 0, *["expected an integer >= 0"] * 2)
-_positive_float = _number(float, lambda v: v > 0, *["expected a positive number"] * 2)
 _eps = _number(float, lambda v: 0.0 <= v <= 1.0, "eps must be a number",
                "eps must be in [0, 1] (inputs are in [0, 1])")
 

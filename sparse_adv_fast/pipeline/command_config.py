@@ -73,9 +73,6 @@ class FitOptions(Config):
         """The pass-through ``TrainConfig`` fields (the command resolves the others)."""
         return {k: getattr(self, k) for k in FIT_PASSTHROUGH}
 
-    def augment_for(self, dataset: str) -> bool:
-        """``augment``, or the default: the standard augmentation for cifar10 only."""
-        return dataset == "cifar10" if self.augment is None else bool(self.augment)
 
 
 @dataclass(frozen=True)
@@ -124,13 +121,5 @@ def versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def record(command: str, cfg: Config, fit: TrainConfig | None) -> dict[str, Any]:
-    """What ``<out>.config.json`` holds: the command's resolved config, the ``fit``
-    config it trained with, the seed and the library versions."""
-    return {"command": command, "config": cfg.as_dict(),
-            "fit": fit.as_dict() if fit is not None else None,
-            "seed": getattr(cfg, "seed", None), "versions": versions()}
-
-
 __all__ = ["COMMANDS", "FIT_PASSTHROUGH", "FitOptions", "IwiCommand", "PruneCommand",
-           "TrainCommand", "record", "versions"]
+           "TrainCommand", "versions"]

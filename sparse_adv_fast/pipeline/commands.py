@@ -36,14 +36,12 @@ from ..attacks.evaluate import SUITES
 from ..checkpoint import CheckpointError
 from ..finite import check_finite
 from . import modelio, runtime
+from .command_config import IWI_MODES, PRUNE_METHODS, versions
 from .lock import RunLock
 from .outputs import check_output_file
 from .stages import StageRunner, check_seed, fit_stage, seed_stage
 from .study_config import DEFAULT_EPS
 
-TRAIN_METHODS = ("natural", "pgd", "trades", "fgsm_rs")
-PRUNE_METHODS = ("magnitude", "imp", "hydra", "random")
-IWI_MODES = ("ticket", "widen")
 _PGD = re.compile(r"^pgd[1-9][0-9]*(x[1-9][0-9]*)?$")
 # The evaluator's own names (autoattack and autoattack-rand included): eval accepts every
 # suite saf.train.evaluate runs, as they land there.
@@ -184,6 +182,11 @@ def _extras(fit_settings: dict[str, Any], augment: bool) -> dict[str, Any]:
     return out
 
 
+def _augment(dataset: str, augment: bool | None) -> bool:
+    """``augment``, or the default: the standard crop + flip for cifar10 only."""
+    return dataset == "cifar10" if augment is None else augment
+
+
 def config_path(out: str | os.PathLike[str]) -> Path:
     """Where a command saves its resolved config beside ``out``: ``<out>.config.json``."""
     return Path(f"{os.fspath(out)}.config.json")
@@ -191,8 +194,6 @@ def config_path(out: str | os.PathLike[str]) -> Path:
 
 def _save_config(out: Path, settings: dict[str, Any], fit_cfg: Any) -> None:
     """``<out>.config.json``: the resolved settings, the fit config, seed and versions."""
-    from .command_config import versions
-
     rec = {"command": settings.get("command"), "settings": settings,
            "fit": fit_cfg.as_dict() if fit_cfg is not None else None,
            "seed": settings.get("seed"), "versions": versions()}
@@ -219,7 +220,7 @@ def train(
     check_data_dir(dataset, data_dir)
     eps = eps_for(dataset, eps)
     fit_cfg = _fit_config(method, epochs, lr, eps, steps, fit_settings)
-    augment = dataset == "cifar10" if augment is None else augment
+    augment = _augment(dataset, augment)
     arch = modelio.arch_spec(model, dataset, width)
     seed_stage(seed, "init")
     net = modelio.build(arch)  # unknown model names fail here, before data is read
@@ -291,7 +292,7 @@ def prune(
     check_data_dir(arch["dataset"], data_dir)
     eps = eps_for(arch["dataset"], eps)
     fit_cfg = _fit_config(train_method, epochs, lr, eps, steps, fit_settings)
-    augment = arch["dataset"] == "cifar10" if augment is None else augment
+    augment = _augment(arch["dataset"], augment)
     settings = dict(command="prune", checkpoint=_digest(checkpoint), method=method,
                     sparsity=sparsity, scope=scope, epochs=epochs, rounds=rounds,
                     train_method=train_method, eps=eps, lr=lr, steps=steps,
@@ -396,7 +397,7 @@ def iwi(
     check_data_dir(sarch["dataset"], data_dir)
     eps = eps_for(sarch["dataset"], eps)
     fit_cfg = _fit_config(method, epochs, lr, eps, steps, fit_settings)
-    augment = sarch["dataset"] == "cifar10" if augment is None else augment
+    augment = _augment(sarch["dataset"], augment)
     if mode == "ticket":
         if width is not None and width != sarch["width"]:
             raise ValueError(
