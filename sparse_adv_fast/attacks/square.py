@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _hygiene as H
+from .losses import cw
 
 QUERIES = 5000  # AutoAttack's budget
 P_INIT = 0.8
@@ -44,10 +45,8 @@ def p_schedule(it: int, queries: int = QUERIES, p_init: float = P_INIT,
 
 
 def _margin(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    logits = model(x)
-    true = logits.gather(1, y[:, None]).squeeze(1)
-    other = logits.scatter(1, y[:, None], float("-inf")).amax(1)
-    return true - other
+    """``z_y - max_{j != y} z_j``: the CW margin with the sign Square minimises."""
+    return -cw(model(x), y)
 
 
 def square(
