@@ -24,6 +24,7 @@ Nothing here imports triton, compiles, or touches CUDA at import time.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -236,9 +237,16 @@ def _scope(w: Tensor | None) -> str:
     ``-`` for calls that read no weight."""
     if w is None:
         return "-"
-    from ..ops import _cache  # imported here: the ops import this module
+    return "frozen" if _ops_cache().is_frozen(w) else "eager"
 
-    return "frozen" if _cache.is_frozen(w) else "eager"
+
+@functools.cache
+def _ops_cache() -> Any:
+    """``sparse_adv_fast.ops._cache``, resolved once (not at import: the ops import this
+    module) rather than by an import statement on every op call."""
+    from ..ops import _cache
+
+    return _cache
 
 
 def _records() -> dict[str, Any]:
