@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .attacks import attack_mode
+from .attacks._core import perturbation_size
 from .nn import weight_sparsity
 
 NORMS = {"linf": 1.0, "l2": 2.0}  # threat norm -> the order of its dual norm
@@ -105,8 +106,7 @@ def minimal_perturbation(model: nn.Module, x: Tensor, y: Tensor, *, norm: str = 
 
     c = _n_classes(model, x)
     x_adv = fab(model, x, y, norm=norm, steps=steps, n_target_classes=c - 1)
-    d = (x_adv - x).flatten(1)
-    size = d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
+    size = perturbation_size(x_adv - x, norm)
     with attack_mode(model), torch.no_grad():
         wrong = model(x_adv).argmax(1) != y
     return torch.where(wrong, size, torch.full_like(size, torch.inf))

@@ -88,6 +88,12 @@ def loss_grad(
     return per.detach(), g, logits.detach()
 
 
+def perturbation_size(d: Tensor, norm: str) -> Tensor:
+    """Per-sample size ``[N]`` of perturbations ``d`` (``[N, ...]``) in the threat norm."""
+    d = d.flatten(1)
+    return d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
+
+
 def project(v: Tensor, x: Tensor, *, eps: float, norm: str, lo: float, hi: float) -> Tensor:
     """Project ``v`` onto the ``eps``-ball around ``x`` and clip to ``[lo, hi]``.
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _hygiene as H
+from ._core import perturbation_size
 from .apgd import N_TARGET_CLASSES, apgd, apgd_t
 from .fab import fab
 from .square import QUERIES, square
@@ -149,9 +150,7 @@ class AutoAttack:
 
     def _inside(self, xa: Tensor, x: Tensor) -> Tensor:
         # A stage's point only counts inside the threat ball (float slack of the ops).
-        d = (xa - x).flatten(1)
-        size = d.abs().amax(1) if self.norm == "linf" else d.norm(dim=1)
-        return size <= self.eps * (1 + 1e-5) + 1e-7
+        return perturbation_size(xa - x, self.norm) <= self.eps * (1 + 1e-5) + 1e-7
 
 
 def _zero_grads(model: nn.Module, x: Tensor, y: Tensor) -> int:

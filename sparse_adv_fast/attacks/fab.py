@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _hygiene as H
+from ._core import perturbation_size
 from .apgd import N_TARGET_CLASSES, targeted_start
 
 ALPHA_MAX, ETA, BETA = 0.1, 1.05, 0.9
@@ -64,11 +65,6 @@ def project_hyperplane_box(p: Tensor, w: Tensor, b: Tensor, *, norm: str, lo: fl
     lam = torch.where(feasible, lam, bp[:, -1:])  # unreachable: go to the corner
     step = lam if norm == "linf" else lam * aw
     return torch.sign(w) * torch.minimum(step, room)
-
-
-def _size(d: Tensor, norm: str) -> Tensor:
-    d = d.flatten(1)
-    return d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
 
 
 def fab(
@@ -145,7 +141,8 @@ def _run(
     x1 = x0.clone()
     if rand:
         noise = torch.rand_like(x0) * 2 - 1 if norm == "linf" else torch.randn_like(x0)
-        x1 = (x0 + 0.5 * eps * noise / _size(noise, norm).clamp_min(_TINY).reshape(shape))
+        scale = perturbation_size(noise, norm).clamp_min(_TINY).reshape(shape)
+        x1 = x0 + 0.5 * eps * noise / scale
         x1 = x1.clamp(lo, hi)
     ids = torch.arange(n, device=x0.device)
     n_groups = int(group.max()) + 1 if n else 0
@@ -167,13 +164,13 @@ def _run(
                                        lo=lo, hi=hi)
             m = xs.shape[0]
             d1, d0 = d[:m].reshape(x1.shape), d[m:].reshape(x1.shape)
-            a1 = _size(d1, norm).clamp_min(1e-8)
-            a0 = _size(d0, norm).clamp_min(1e-8)
+            a1 = perturbation_size(d1, norm).clamp_min(1e-8)
+            a0 = perturbation_size(d0, norm).clamp_min(1e-8)
             alpha = (a1 / (a1 + a0)).clamp(0.0, alpha_max).reshape(shape)
             x1 = ((x1 + eta * d1) * (1 - alpha) + (xs + eta * d0) * alpha).clamp(lo, hi)
             is_adv = model(x1).argmax(1) != ys
             if bool(is_adv.any()):
-                size = _size(x1 - xs, norm)
+                size = perturbation_size(x1 - xs, norm)
                 gain = is_adv & (size < best_norm[ids])
                 best[ids[gain]] = x1[gain]
                 best_norm[ids[gain]] = size[gain]
