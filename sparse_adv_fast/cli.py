@@ -168,6 +168,8 @@ def _common_train(p: argparse.ArgumentParser, cmd: str, *, method_key: str = "me
     _option(p, cls, "beta", help="TRADES weight")
     _option(p, cls, "eps_warmup", help="epochs over which eps ramps linearly from 0")
     _option(p, cls, "collapse_check", help="stop a run whose training collapses")
+    _option(p, cls, "sync_batchnorm", help="under torchrun: SyncBatchNorm over the ranks "
+            "(CUDA only)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--fresh", action="store_true",
                    help="discard the checkpoint of an interrupted run (<out>.ckpt), start over")
@@ -335,11 +337,19 @@ def _study(a: argparse.Namespace) -> int:
     cfg = _study_config(a)
     check_data_dir(cfg.dataset, cfg.data_dir)
     results = study.run_study(cfg, a.out, fresh=a.fresh, progress=not a.no_progress)
-    print(study_report.table(results))
-    print()
-    print(study_report.claims_section(results))
-    print(f"\nwrote {', '.join(study.OUTPUTS)} and stages/ (one file per job) in {a.out}")
+    _say(study_report.table(results))
+    _say("")
+    _say(study_report.claims_section(results))
+    _say(f"\nwrote {', '.join(study.OUTPUTS)} and stages/ (one file per job) in {a.out}")
     return 0
+
+
+def _say(text: str) -> None:
+    """Print a command's result: by rank 0 alone under torchrun."""
+    from . import distributed
+
+    if distributed.world().main:
+        print(text)
 
 
 def _resolve(a: argparse.Namespace) -> Any:
@@ -364,7 +374,7 @@ def _train(a: argparse.Namespace) -> int:
     c = _resolve(a)
     res = commands.train(dataset=c.dataset, model=c.model, width=c.width, method=c.method,
                          out=a.out, **_train_kw(c, a))
-    print(f"saved {res['out']} (config: {commands.config_path(res['out'])})")
+    _say(f"saved {res['out']} (config: {commands.config_path(res['out'])})")
     return 0
 
 
@@ -375,7 +385,7 @@ def _prune(a: argparse.Namespace) -> int:
     res = commands.prune(checkpoint=a.checkpoint, method=c.method, sparsity=c.sparsity,
                          scope=c.scope, out=a.out, rounds=c.rounds, train_method=c.train_method,
                          **_train_kw(c, a))
-    print(f"saved {res['out']} (sparsity {res['sparsity']:.4f})")
+    _say(f"saved {res['out']} (sparsity {res['sparsity']:.4f})")
     return 0
 
 
@@ -385,7 +395,7 @@ def _iwi(a: argparse.Namespace) -> int:
     c = _resolve(a)
     res = commands.iwi(source=a.source, mode=c.mode, width=c.width, init=c.init, out=a.out,
                        method=c.method, **_train_kw(c, a))
-    print(f"saved {res['out']} (width {res['width']:g})")
+    _say(f"saved {res['out']} (width {res['width']:g})")
     return 0
 
 
@@ -398,7 +408,10 @@ def _eval(a: argparse.Namespace) -> int:
     res = commands.evaluate(checkpoint=a.checkpoint, attacks=a.attacks, eps=a.eps,
                             max_batches=a.max_batches, batch_size=a.batch_size,
                             data_dir=a.data_dir, progress=not a.no_progress)
-    commands.dump_json(res, a.json_out)
+    from . import distributed
+
+    if distributed.world().main:
+        commands.dump_json(res, a.json_out)
     return 0
 
 
@@ -446,33 +459,45 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``sparse-adv-fast``; returns the exit status."""
+    """Entry point of ``sparse-adv-fast``; returns the exit status.
+
+    Under torchrun (``WORLD_SIZE`` > 1) it first joins the job; every rank then prints its
+    own one-line error, tagged ``[rank r/n]``, and only rank 0 writes files and output.
+    """
     args = parse_args(argv)
     prog = f"{PROG} {args.cmd}"
+    from . import distributed as D
+
+    tag = ""
     try:
-        return int(args.func(args) or 0)
+        w = D.init_from_env()
+        tag = w.tag()
+        with D.stopped_by_peers(w):
+            return int(args.func(args) or 0)
     except BrokenPipeError:  # output piped into `head` and closed early: not an error
         return 0
     except KeyboardInterrupt:
         then = "; rerun the same command to resume" if getattr(args, "resumable", False) else ""
-        print(f"{prog}: interrupted{then}", file=sys.stderr)
+        print(f"{prog}: {tag}interrupted{then}", file=sys.stderr)
         return 130
     except _INPUT_ERRORS as e:
         if args.debug:
             raise
-        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+        print(f"{prog}: {tag}error: {_one_line(e)}", file=sys.stderr)
         return 2
     except _RUNTIME_ERRORS as e:
         if args.debug:
             raise
-        print(f"{prog}: error: {_one_line(e)} (--debug for the traceback)", file=sys.stderr)
+        print(f"{prog}: {tag}error: {_one_line(e)} (--debug for the traceback)", file=sys.stderr)
         return 1
     except Exception as e:  # a bug: still one line, with the type to report it by
         if args.debug:
             raise
-        print(f"{prog}: internal error: {type(e).__name__}: {_one_line(e)} (--debug for the "
-              "traceback; please report it)", file=sys.stderr)
+        print(f"{prog}: {tag}internal error: {type(e).__name__}: {_one_line(e)} (--debug for "
+              "the traceback; please report it)", file=sys.stderr)
         return 1
+    finally:
+        D.shutdown()
 
 
 if __name__ == "__main__":

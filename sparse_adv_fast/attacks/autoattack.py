@@ -70,6 +70,19 @@ class Tally:
     zero_grad: int = 0
     randomized: bool = False
 
+    @classmethod
+    def merge(cls, parts: list[Tally]) -> Tally:
+        """One tally of several batches' (or ranks') tallies."""
+        out = cls(robust_after=dict.fromkeys(parts[0].robust_after, 0) if parts else {})
+        for t in parts:
+            out.n += t.n
+            out.clean += t.clean
+            out.zero_grad += t.zero_grad
+            out.randomized |= t.randomized
+            for k, v in t.robust_after.items():
+                out.robust_after[k] += v
+        return out
+
     def report(self, version: str) -> dict[str, object]:
         """Fractions over ``n`` plus the gradient-masking verdict."""
         names = list(self.robust_after)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -9,6 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import distributed as D
+from ..seeding import derive_seed
 from . import _hygiene as H
 from .autoattack import AutoAttack, Tally, warn_if_masking
 from .callables import APGD, FGSM, PGD
@@ -81,7 +84,7 @@ def evaluate(
     model: nn.Module, loader: Iterable, attacks: Sequence[str] | Mapping[str, AttackFn] = (
         "pgd20x5", "apgd"), *, eps: float = 8 / 255, norm: str = "linf",
     device: torch.device | str | None = None, max_batches: int | None = None,
-    progress: bool = False,
+    progress: bool = False, seed: int | None = None, process_group: Any = None,
 ) -> dict[str, Any]:
     """Clean and robust accuracy of ``model`` over ``loader`` (any iterable of ``(x, y)``).
 
@@ -98,59 +101,119 @@ def evaluate(
     broken by each stage) and ``gradient_masking`` (``suspected``, ``reasons``: zero input
     gradients, Square breaking points every white-box stage missed, a randomised model),
     with a :class:`GradientMaskingWarning` when suspected. Likewise ``"autoattack-rand"``.
+
+    ``seed``: the attacks' random draws on batch ``i`` come from ``(seed, i)`` alone (the
+    global RNG is given back as it was), so the result does not depend on which process
+    attacked the batch. ``process_group`` (or a model wrapped in
+    ``DistributedDataParallel``): evaluate sharded over the group's ranks, batch ``i`` on
+    rank ``i % world_size`` (no sample is padded in or counted twice); the per-sample
+    results are gathered, so every rank returns the exact totals, equal to a single
+    process's with the same ``seed`` (default 0 in a sharded run). A failure on one rank
+    raises on all of them.
     """
+    model = _plain(model)
+    world = D.of_group(process_group) if process_group is not None else D.SINGLE
+    if world.active and seed is None:
+        seed = 0
+    with D.together(world, "evaluate's checks"):
+        atks, device = _setup(model, loader, attacks, eps, norm, device, max_batches, seed,
+                              world)
+    with D.together(world, "evaluate"):
+        mine = _run(model, loader, atks, device, max_batches, progress and world.main, seed,
+                    world)
+    return _report(atks, [r for part in D.gather(mine, world) for r in part])
+
+
+def _plain(model: nn.Module) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _setup(model: nn.Module, loader: Iterable, attacks: Any, eps: float, norm: str,
+           device: Any, max_batches: int | None, seed: int | None,
+           world: D.World) -> tuple[dict[str, AttackFn], torch.device]:
+    """The checked attacks and device (every argument checked before any work)."""
     H.check_config("evaluate", eps=eps, norm=norm)
     if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 0):
         raise ValueError(f"evaluate: max_batches must be an integer >= 0, got {max_batches!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"evaluate: seed must be an integer >= 0 or None, got {seed!r}")
+    if world.active and hasattr(loader, "__len__"):
+        batches = len(loader) if max_batches is None else min(len(loader), max_batches)
+        if batches < world.size:
+            raise ValueError(f"evaluate: {batches} batch(es) cannot be shared by {world.size} "
+                             "ranks (some would have nothing to evaluate); use fewer ranks or "
+                             "a smaller batch size")
     if device is None:
         p = next(iter(model.parameters()), None)
         device = p.device if p is not None else torch.device("cpu")
-    device = torch.device(device)
-    atks = _resolve(attacks, model, eps, norm)
+    return _resolve(attacks, model, eps, norm), torch.device(device)
 
-    n, clean, worst = 0, 0, 0
-    robust = dict.fromkeys(atks, 0)
-    tallies = {k: Tally(robust_after=dict.fromkeys(a.stages, 0))
-               for k, a in atks.items() if isinstance(a, AutoAttack)}
+
+def _run(model: nn.Module, loader: Iterable, atks: dict[str, AttackFn], device: torch.device,
+         max_batches: int | None, progress: bool, seed: int | None,
+         world: D.World) -> list[dict[str, Any]]:
+    """This rank's batches: per batch its index and per-sample outcomes (clean, each
+    attack, worst case) and the AutoAttack tallies."""
+    records = []
     it = iter(loader)
     if progress:
         from tqdm.auto import tqdm
 
         it = iter(tqdm(loader, total=max_batches, desc="evaluate"))
-    with H.attack_mode(model):
+    rng = (torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+           if seed is not None else contextlib.nullcontext())
+    with H.attack_mode(model), rng:
         for i, item in enumerate(it):
             if max_batches is not None and i >= max_batches:
                 break
-            x, y = _batch(item, device)
-            with torch.no_grad():
-                ok = model(x).argmax(dim=1) == y
-            all_ok = ok.clone()
-            idx = ok.nonzero().squeeze(1)
-            for name, atk in atks.items():
-                if isinstance(atk, AutoAttack):  # a cascade: it attacks its own survivors
-                    _, still = atk.run(x, y, tallies[name])
-                    robust[name] += int(still.sum())
-                    all_ok &= still
-                    continue
-                still = torch.zeros_like(ok)
-                if idx.numel() > 0:
-                    x_adv = atk(x[idx], y[idx])
-                    with torch.no_grad():
-                        still[idx] = model(x_adv).argmax(dim=1) == y[idx]
-                robust[name] += int(still.sum())
-                all_ok &= still
-            n += y.shape[0]
-            clean += int(ok.sum())
-            worst += int(all_ok.sum())
+            if i % world.size != world.rank:
+                continue
+            if seed is not None:
+                torch.manual_seed(derive_seed(seed, i))
+            records.append(_batch_outcomes(model, atks, *_batch(item, device), index=i))
+    return records
+
+
+def _batch_outcomes(model: nn.Module, atks: dict[str, AttackFn], x: Tensor, y: Tensor, *,
+                    index: int) -> dict[str, Any]:
+    with torch.no_grad():
+        ok = model(x).argmax(dim=1) == y
+    all_ok = ok.clone()
+    idx = ok.nonzero().squeeze(1)
+    robust, tallies = {}, {}
+    for name, atk in atks.items():
+        if isinstance(atk, AutoAttack):  # a cascade: it attacks its own survivors
+            tallies[name] = Tally(robust_after=dict.fromkeys(atk.stages, 0))
+            _, still = atk.run(x, y, tallies[name])
+        else:
+            still = torch.zeros_like(ok)
+            if idx.numel() > 0:
+                x_adv = atk(x[idx], y[idx])
+                with torch.no_grad():
+                    still[idx] = model(x_adv).argmax(dim=1) == y[idx]
+        robust[name] = still.cpu()
+        all_ok &= still
+    return {"index": index, "clean": ok.cpu(), "robust": robust, "worst_case": all_ok.cpu(),
+            "tallies": tallies}
+
+
+def _report(atks: dict[str, AttackFn], records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The totals over every rank's batches (in batch order)."""
+    records.sort(key=lambda r: r["index"])
+    n = sum(int(r["clean"].numel()) for r in records)
     if n == 0:
         raise ValueError("evaluate: the loader yielded no batches")
     out: dict[str, Any] = {
-        "clean": clean / n,
-        "robust": {k: v / n for k, v in robust.items()},
-        "worst_case": worst / n,
+        "clean": sum(int(r["clean"].sum()) for r in records) / n,
+        "robust": {k: sum(int(r["robust"][k].sum()) for r in records) / n for k in atks},
+        "worst_case": sum(int(r["worst_case"].sum()) for r in records) / n,
         "n": n,
     }
-    for name, tally in tallies.items():
-        out[name] = tally.report(atks[name].version)
-        warn_if_masking(out[name], name)
+    for name, atk in atks.items():
+        if isinstance(atk, AutoAttack):
+            tally = Tally.merge([r["tallies"][name] for r in records])
+            out[name] = tally.report(atk.version)
+            warn_if_masking(out[name], name)
     return out

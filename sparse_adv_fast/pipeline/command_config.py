@@ -26,7 +26,7 @@ IWI_MODES = ("ticket", "widen")
 IWI_INITS = ("zero", "noise", "preserve")
 # TrainConfig fields a command passes through unchanged (flag --name-with-dashes).
 FIT_PASSTHROUGH = ("momentum", "weight_decay", "optimizer", "schedule", "alpha", "beta",
-                   "eps_warmup", "collapse_check")
+                   "eps_warmup", "collapse_check", "sync_batchnorm")
 _POS_INT = "expected a positive integer"
 
 
@@ -68,6 +68,7 @@ class FitOptions(Config):
     beta: float = like(TrainConfig, "beta")
     eps_warmup: float = like(TrainConfig, "eps_warmup")
     collapse_check: bool = like(TrainConfig, "collapse_check", default=True)
+    sync_batchnorm: bool = like(TrainConfig, "sync_batchnorm")
 
     def fit_settings(self) -> dict[str, Any]:
         """The pass-through ``TrainConfig`` fields (the command resolves the others)."""

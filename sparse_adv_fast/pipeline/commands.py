@@ -11,6 +11,11 @@ stage (written after every epoch) and the lock that keeps a second run out. Reru
 same command after an interruption resumes and ends with the same weights as an
 uninterrupted run; ``fresh=True`` starts over. The directory is removed once the output is
 written, and kept after a failure (e.g. divergence: the last finished epoch is there).
+
+Under torchrun (the CLI joins the job: :func:`sparse_adv_fast.distributed.init_from_env`)
+the training is data-parallel (``fit``'s ``process_group``), ``eval`` is sharded, and rank
+0 alone locks the run directory and writes every file; the others read the same
+checkpoint to resume, so the run directory must be on a filesystem all ranks share.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import distributed as D
 from ..attacks.evaluate import SUITES
 from ..checkpoint import CheckpointError
 from ..finite import check_finite
@@ -141,20 +147,42 @@ def _digest(path: str | os.PathLike[str]) -> str:
 
 
 def _note(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    if D.world().main:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _group() -> Any:
+    """The process group of the torchrun job the CLI joined, for ``fit`` / ``evaluate``
+    (``None`` in a single process)."""
+    w = D.world()
+    if not w.active:
+        return None
+    import torch.distributed as dist
+
+    return w.group if w.group is not None else dist.group.WORLD
 
 
 @contextlib.contextmanager
 def _run(out: Path, settings: dict[str, Any], fresh: bool) -> Iterator[StageRunner]:
     """The locked, settings-checked run directory of ``out`` while the block runs; removed
-    when the block succeeds, kept (to resume from) when it raises."""
+    when the block succeeds, kept (to resume from) when it raises. Under torchrun rank 0
+    locks, checks and clears it; the other ranks open it once rank 0 has."""
     folder = run_dir(out)
-    with RunLock(folder):
+    w = D.world()
+    with RunLock(folder) if w.main else contextlib.nullcontext():
         resuming = not fresh and any((folder / "stages").glob("*.pt"))
-        runner = StageRunner(folder, config=settings, fresh=fresh, log=lambda m: None)
+        with D.together(w, f"opening the run directory {folder}"):
+            runner = (StageRunner(folder, config=settings, fresh=fresh, log=lambda m: None)
+                      if w.main else None)
+        D.barrier(w)  # rank 0 has created it (or cleared it for --fresh)
+        if runner is None:
+            runner = StageRunner(folder, config=settings, log=lambda m: None, writer=False)
         if resuming:
             _note(f"[saf] resuming the interrupted run in {folder} (--fresh to start over)")
         yield runner
+        D.barrier(w)  # every rank is done with the run's files
+        if not w.main:
+            return
         runner.clear()
         with contextlib.suppress(OSError):
             runner.stage_dir.rmdir()
@@ -194,9 +222,12 @@ def config_path(out: str | os.PathLike[str]) -> Path:
 
 def _save_config(out: Path, settings: dict[str, Any], fit_cfg: Any) -> None:
     """``<out>.config.json``: the resolved settings, the fit config, seed and versions."""
+    if not D.world().main:
+        return
     rec = {"command": settings.get("command"), "settings": settings,
            "fit": fit_cfg.as_dict() if fit_cfg is not None else None,
-           "seed": settings.get("seed"), "versions": versions()}
+           "seed": settings.get("seed"), "versions": versions(),
+           "world_size": D.world().size}
     _lib("checkpoint").write_atomic(config_path(out), json.dumps(rec, indent=2) + "\n")
 
 
@@ -233,10 +264,10 @@ def train(
     with _run(out_path, settings, fresh) as runner, runtime.threads_for(dataset):
         hist = fit_stage(net, loaders, seed=seed, stage="train",
                          checkpoint=runner.scratch("train"), where=str(out_path),
-                         config=fit_cfg, progress=progress)
-        modelio.save_model(net, arch, out_path, method=method, eps=eps, epochs=epochs,
-                           history=hist.as_dict(), rewind_at=fit_cfg.rewind_at,
-                           rewind_state=hist.rewind_state)
+                         config=fit_cfg, progress=progress, process_group=_group())
+        _save_model(net, arch, out_path, method=method, eps=eps, epochs=epochs,
+                    history=hist.as_dict(), rewind_at=fit_cfg.rewind_at,
+                    rewind_state=hist.rewind_state)
         _save_config(out_path, settings, fit_cfg)
     return {"out": str(out_path), "history": hist.as_dict()}
 
@@ -284,6 +315,7 @@ def prune(
         else:
             net = p.random(net, sparsity, scope=scope,
                            generator=torch.Generator().manual_seed(seed))
+        D.check_masks(net, D.world(), "after pruning")
         res = _save_pruned(net, arch, out_path, method, sparsity, scope, blob)
         _save_config(out_path, dict(command="prune", checkpoint=_digest(checkpoint),
                                     method=method, sparsity=sparsity, scope=scope, seed=seed),
@@ -298,7 +330,7 @@ def prune(
                     train_method=train_method, eps=eps, lr=lr, steps=steps,
                     batch_size=batch_size, seed=seed, data_dir=data_dir,
                     **_extras(fit_settings, augment))
-    kw = dict(config=fit_cfg, progress=progress)
+    kw = dict(config=fit_cfg, progress=progress, process_group=_group())
     loaders = _train_val(arch["dataset"], batch_size, data_dir, seed, augment)
     with _run(out_path, settings, fresh) as runner, runtime.threads_for(arch["dataset"]):
         if method == "imp":
@@ -308,11 +340,18 @@ def prune(
         else:
             net = _hydra(net, arch, runner, loaders, sparsity=sparsity, scope=scope,
                          epochs=epochs, eps=eps, steps=steps, seed=seed, progress=progress)
+        D.check_masks(net, D.world(), "after pruning")
         fit_stage(net, loaders, seed=seed, stage="finetune",
                   checkpoint=runner.scratch("finetune"), where=str(out_path), **kw)
         res = _save_pruned(net, arch, out_path, method, sparsity, scope, blob)
         _save_config(out_path, settings, fit_cfg)
         return res
+
+
+def _save_model(net: nn.Module, arch: dict[str, Any], out: Path, **meta: Any) -> None:
+    """``modelio.save_model`` on rank 0 (the only writer of a torchrun job)."""
+    if D.world().main:
+        modelio.save_model(net, arch, out, **meta)
 
 
 def _rewind_state(blob: dict[str, Any], checkpoint: str) -> dict[str, Any]:
@@ -334,8 +373,7 @@ def _save_pruned(net: nn.Module, arch: dict[str, Any], out: Path, method: str,
     # The source's rewind point travels on, so a pruned model can be pruned further by IMP.
     keep = {k: source["meta"][k] for k in ("rewind_at", "rewind_state")
             if k in source.get("meta", {})}
-    modelio.save_model(net, arch, out, pruned_by=method, sparsity=sparsity, scope=scope,
-                       **keep)
+    _save_model(net, arch, out, pruned_by=method, sparsity=sparsity, scope=scope, **keep)
     return {"out": str(out), "sparsity": modelio.zero_fraction(net)}
 
 
@@ -421,9 +459,9 @@ def iwi(
     with _run(out_path, settings, fresh) as runner, runtime.threads_for(sarch["dataset"]):
         hist = fit_stage(target, loaders, seed=seed, stage="iwi",
                          checkpoint=runner.scratch("iwi"), where=str(out_path),
-                         config=fit_cfg, progress=progress)
-        modelio.save_model(target, arch, out_path, iwi_mode=mode, source=os.fspath(source),
-                           history=hist.as_dict())
+                         config=fit_cfg, progress=progress, process_group=_group())
+        _save_model(target, arch, out_path, iwi_mode=mode, source=os.fspath(source),
+                    history=hist.as_dict())
         _save_config(out_path, settings, fit_cfg)
     return {"out": str(out_path), "width": width}
 
@@ -442,7 +480,9 @@ def evaluate(
     _, test = _lib("data").loaders(arch["dataset"], batch_size=batch_size, data_dir=data_dir)
     with runtime.threads_for(arch["dataset"]):
         res = _lib("train").evaluate(net.eval(), test, attacks=tuple(attacks), eps=eps,
-                                     max_batches=max_batches, progress=progress)
+                                     max_batches=max_batches, progress=progress,
+                                     seed=0,
+                                     process_group=_group())
     return {
         "checkpoint": os.fspath(checkpoint),
         "arch": arch,

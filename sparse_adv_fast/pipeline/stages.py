@@ -120,6 +120,8 @@ class StageRunner:
             ``fresh``.
         fresh: delete the stage files of an earlier run and start over.
         log: where one-line progress messages go (default: stderr).
+        writer: whether this process writes stage files; ``False`` for the other ranks of
+            a torchrun job, which read what rank 0 wrote (``run.json`` must exist).
     """
 
     def __init__(
@@ -129,6 +131,7 @@ class StageRunner:
         config: dict[str, Any],
         fresh: bool = False,
         log: Callable[[str], None] | None = None,
+        writer: bool = True,
     ) -> None:
         if not isinstance(config, dict):
             raise TypeError(f"StageRunner: config must be a dict, got {type(config).__name__}")
@@ -138,11 +141,13 @@ class StageRunner:
         self.stage_dir = self.out_dir / "stages"
         self.config = json.loads(json.dumps(config))  # normalise tuples -> lists for comparison
         self.log = log or _stderr
+        self.writer = writer
         self.ran: list[str] = []
         self.skipped: list[str] = []
         self.seconds: dict[str, float] = {}
-        self.stage_dir.mkdir(parents=True, exist_ok=True)
-        if fresh:
+        if writer:
+            self.stage_dir.mkdir(parents=True, exist_ok=True)
+        if fresh and writer:
             self.clear()
         self._check_config()
 
@@ -161,6 +166,9 @@ class StageRunner:
 
     def _check_config(self) -> None:
         if not self._run_file.exists():
+            if not self.writer:
+                raise StageError(f"{self._run_file} does not exist on this rank: the run "
+                                 "directory must be on a filesystem every rank shares")
             if any(self.stage_dir.glob("*.pt")):
                 raise StageError(
                     f"{self.stage_dir} holds stage files but no run.json; rerun with --fresh"
@@ -234,6 +242,8 @@ class StageRunner:
         t0 = time.perf_counter()
         result = fn()
         dt = time.perf_counter() - t0
+        if not self.writer:
+            return result
         _checkpoint().save_atomic(
             {"stage": name, "format": _FORMAT, "seconds": dt, "result": result}, path
         )

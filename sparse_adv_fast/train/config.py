@@ -38,6 +38,8 @@ class TrainConfig(Config):
     ``fit``), ``collapse_check`` (stop at a collapse: training accuracy at chance for an
     epoch, or zero input gradients for most of a batch). Run shape: ``rewind_at``,
     ``max_batches``, ``val_batches``, ``val_steps``, ``seed``, ``val_on_test``.
+    Data-parallel runs: ``sync_batchnorm`` turns the BatchNorm layers into
+    ``SyncBatchNorm`` (statistics over the global batch; CUDA only, as in torch).
     """
 
     method: str = choice("natural", METHODS)
@@ -63,6 +65,7 @@ class TrainConfig(Config):
     val_on_test: bool = flag(False)
     eps_warmup: float = number(0.0, lo=0)
     collapse_check: bool = flag(False)
+    sync_batchnorm: bool = flag(False)
 
     def _validate(self) -> None:
         OverfitDetector(ratio=self.co_ratio, drop=self.co_drop)  # its own range checks

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import checkpoint as ckpt_io
+from .. import distributed as D
 from ..checkpoint import CheckpointError
 from ..config import check_keys
 from ..finite import NonFiniteError, check_finite, first_nonfinite
@@ -110,6 +111,7 @@ def fit(
     log: Any = None,
     co_probe: Probe | None = None,
     callback: Callable[[int, History], None] | None = None,
+    process_group: Any = None,
     **settings: Any,
 ) -> History:
     """Train ``model`` in place and return its :class:`History`.
@@ -165,7 +167,21 @@ def fit(
         log: ``None`` (the ``sparse_adv_fast.train`` logger), a Logger or a callable(str).
         co_probe: ``probe(model, epoch) -> accuracy`` replacing the validation PGD
             measurement of the overfitting check.
-        callback: ``callback(epoch, history)`` after each epoch's checkpoint.
+        callback: ``callback(epoch, history)`` after each epoch's checkpoint (on every rank).
+        process_group: train data-parallel over this ``torch.distributed`` process group
+            (``torch.distributed.group.WORLD`` for all processes); passing a model wrapped
+            in ``DistributedDataParallel`` does the same over its group. Each rank trains
+            on its shard of the train loader (a ``DistributedSampler``, reshuffled per
+            epoch; ``batch_size / world_size`` per rank, so the loader's batch size is the
+            global batch and must divide evenly) and attacks its own shard; gradients are
+            averaged by DDP, which also starts every rank from rank 0's weights and
+            masks. After every step the masks are compared across ranks, after every
+            epoch all weights (a mismatch is a :class:`~sparse_adv_fast.distributed.
+            DistributedError`); the epoch's loss and accuracy and the validation numbers
+            are summed over the ranks, so every rank records the same history. Only rank
+            0 writes the checkpoint (with every rank's RNG state, so a resumed run draws
+            what an uninterrupted one would), logs and shows a progress bar. A check that
+            fails on one rank raises on all of them.
 
     Raises:
         NonFiniteError: the loss or weights became NaN/Inf; the message names the epoch,
@@ -173,8 +189,9 @@ def fit(
         TrainingCollapsed: with ``collapse_check``, the run stopped learning; the message
             says what to try. The epoch is not checkpointed.
     """
-    cfg = _config(config, method, settings)
-    run = _prepare(model, loaders, cfg, checkpoint, progress, device, log, co_probe)
+    run = _prepare(model, loaders, (config, method, settings), checkpoint, progress, device,
+                   log, co_probe, process_group)
+    cfg = run.cfg
     with rng.preserved(run.gens):
         start, stopped = _start(run, resume)
         if stopped:
@@ -189,7 +206,7 @@ def fit(
 class _Run:
     """Everything one ``fit`` call works on, built once by :func:`_prepare`."""
 
-    model: nn.Module
+    model: nn.Module  # the plain module: attacked, validated, checkpointed
     cfg: TrainConfig
     train_loader: Any
     val_loader: Any
@@ -209,6 +226,9 @@ class _Run:
     path: Path | None
     progress: bool
     co_probe: Probe | None
+    world: D.World = D.SINGLE
+    loader_facts: dict[str, Any] = field(default_factory=dict)
+    trained: nn.Module | None = None  # what the loss runs through: the DDP wrapper or model
     settings: dict[str, Any] = field(default_factory=dict)
     history: History = field(default_factory=History)
 
@@ -232,24 +252,84 @@ def _config(config: TrainConfig | None, method: str | None,
         raise ValueError(f"fit: {e}") from None
 
 
-def _prepare(model: nn.Module, loaders: Any, cfg: TrainConfig, checkpoint: Any,
-             progress: bool, device: Any, log: Any, co_probe: Probe | None) -> _Run:
-    """Check what the config cannot (model, loaders, log) and build the run; no training."""
+def _prepare(model: nn.Module, loaders: Any, config: tuple, checkpoint: Any,
+             progress: bool, device: Any, log: Any, co_probe: Probe | None,
+             process_group: Any) -> _Run:
+    """Check the settings (``config``: the arguments of :func:`_config`) and what the
+    config cannot (model, loaders, log), then build the run; no training. In a
+    data-parallel run a refusal on any rank stops every rank."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"fit: model must be an nn.Module, got {type(model).__name__}")
+    world, model, wrapped = _parallel(model, process_group)
+    with D.together(world, "fit's checks"):
+        cfg = _config(*config)
+        run = _build(model, loaders, cfg, checkpoint, progress, device, log, co_probe, world)
+    run.trained = wrapped if wrapped is not None else _wrap(run)
+    return run
+
+
+def _parallel(model: nn.Module, process_group: Any) -> tuple[D.World, nn.Module, Any]:
+    """``(world, plain module, DDP wrapper given by the caller or None)``."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        if process_group is not None:
+            raise ValueError("fit: give a DistributedDataParallel model or process_group, "
+                             "not both (the wrapper already has its group)")
+        return D.of_group(model.process_group), model.module, model
+    if process_group is None:
+        return D.SINGLE, model, None
+    return D.of_group(process_group), model, None
+
+
+def _wrap(run: _Run) -> nn.Module:
+    """The module the loss runs through: ``model`` itself, or DDP over the run's group
+    (whose construction gives every rank rank 0's weights and masks)."""
+    if not run.world.active:
+        return run.model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [run.dev.index if run.dev.index is not None else torch.cuda.current_device()] \
+        if run.dev.type == "cuda" else None
+    return DistributedDataParallel(run.model, device_ids=ids, process_group=run.world.group)
+
+
+def _sync_batchnorm(model: nn.Module, cfg: TrainConfig, world: D.World,
+                    dev: torch.device) -> None:
+    """Turn the BatchNorm layers into SyncBatchNorm (in place) when asked and useful."""
+    if not (cfg.sync_batchnorm and world.active):
+        return  # one process: SyncBatchNorm would be BatchNorm
+    if dev.type != "cuda":
+        raise ValueError("fit: sync_batchnorm needs CUDA devices (torch's SyncBatchNorm has no "
+                         "CPU implementation); without it each rank normalises over its own "
+                         "shard")
+    for name, child in model.named_children():
+        setattr(model, name, nn.SyncBatchNorm.convert_sync_batchnorm(child, world.group))
+
+
+def _build(model: nn.Module, loaders: Any, cfg: TrainConfig, checkpoint: Any,
+           progress: bool, device: Any, log: Any, co_probe: Probe | None,
+           world: D.World) -> _Run:
     train_loader, val_loader = _split_loaders(loaders, cfg.val_on_test)
     if train_loader is None:
         raise ValueError("fit: the train loader is None")
-    emit = _emitter(log)
+    emit = _emitter(log) if world.main else _quiet
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("fit: the model has no trainable parameters")
+    facts = rs.loader_facts(train_loader)  # the global batch, before sharding
+    gens = rng.loader_generators(train_loader)
+    data_seed = _data_seed(cfg.seed, gens)
+    if world.active:
+        train_loader = D.shard_loader(train_loader, world, what="fit",
+                                      seed=data_seed if data_seed is not None else 0)
     batches = _batches_per_epoch(train_loader, cfg)
     dev = torch.device(device) if device is not None else params[0].device
+    _sync_batchnorm(model, cfg, world, dev)
     model.to(dev)
+    params = [p for p in model.parameters() if p.requires_grad]
     opt = _make_optimizer(cfg, params)
     sched, per_iteration = _schedule(cfg, opt, batches)
-    gens = rng.loader_generators(train_loader)
     check_co = cfg.co_check and cfg.method != "natural" and (
         co_probe is not None or (val_loader is not None and cfg.eps > 0))
     run = _Run(
@@ -258,12 +338,14 @@ def _prepare(model: nn.Module, loaders: Any, cfg: TrainConfig, checkpoint: Any,
                                      norm=cfg.norm, beta=cfg.beta),
         loss_fn=METHODS[cfg.method], opt=opt, sched=sched, per_iteration=per_iteration,
         warmup_iters=max(1, round(cfg.eps_warmup * batches)) if cfg.eps_warmup > 0 else 0,
-        gens=gens, data_seed=_data_seed(cfg.seed, gens),
+        gens=gens, data_seed=data_seed,
         detector=OverfitDetector(ratio=cfg.co_ratio, drop=cfg.co_drop), check_co=check_co,
         # Fixed for the whole run, fetched before any RNG state is restored.
         fixed=fixed_batches(val_loader, cfg.val_batches) if val_loader is not None else [],
-        path=Path(checkpoint) if checkpoint is not None else None, progress=progress,
-        co_probe=co_probe, history=History(method=cfg.method, rewind_at=cfg.rewind_at),
+        path=Path(checkpoint) if checkpoint is not None else None,
+        progress=progress and world.main, co_probe=co_probe,
+        history=History(method=cfg.method, rewind_at=cfg.rewind_at), world=world,
+        loader_facts=facts,
     )
     run.settings = _settings(run)
     return run
@@ -322,15 +404,19 @@ def _settings(run: _Run) -> dict[str, Any]:
         "momentum": c.momentum, "weight_decay": c.weight_decay, "schedule": c.schedule,
         "eps": run.attack.eps, "alpha": run.attack.alpha, "steps": c.steps,
         "beta": run.attack.beta, "norm": c.norm, "seed": run.data_seed,
-        **rs.loader_facts(run.train_loader), "max_batches": c.max_batches,
+        **run.loader_facts, "max_batches": c.max_batches,
         "rewind_at": c.rewind_at, "co_check": c.co_check, "co_ratio": c.co_ratio,
         "co_drop": c.co_drop, "co_probe": run.co_probe is not None,
         "validation": run.val_loader is not None, "val_batches": c.val_batches,
         "val_steps": c.val_steps,
     }
+    # Recorded only when on, so checkpoints written before these options still resume.
     if c.eps_warmup > 0:
-        # Recorded only when on, so checkpoints written before the option still resume.
         s["eps_warmup"] = c.eps_warmup
+    if run.world.active:
+        s["world_size"] = run.world.size
+    if c.sync_batchnorm:
+        s["sync_batchnorm"] = True
     return s
 
 
@@ -338,17 +424,24 @@ def _start(run: _Run, resume: bool) -> tuple[int, bool]:
     """``(last finished epoch, whether the run had already stopped)``: resume from the
     checkpoint if there is one, then check the model and keep the rewind point 0."""
     start, stopped = 0, False
-    path = run.path
-    if path is not None and resume and path.exists():
-        run.history, stopped = _resume(path, run.settings, run.model, run.opt, run.sched,
-                                       run.gens, run.detector)
-        start = int(run.history.resumed_from_epoch or 0)
-        run.emit(f"resumed from {path} after epoch {start}")
+    path, w = run.path, run.world
+    # Rank 0's view decides: a rank that cannot read the file then fails loudly.
+    found = D.broadcast(path is not None and resume and path.exists(), w)
+    with D.together(w, "resuming"):
+        if found:
+            run.history, stopped = _resume(path, run.settings, run.model, run.opt, run.sched,
+                                           run.gens, run.detector, w)
+            start = int(run.history.resumed_from_epoch or 0)
+            run.emit(f"resumed from {path} after epoch {start}")
+        elif start == 0:
+            # A NaN start would train to NaN and look like divergence; name the real
+            # cause (a resumed model was checked with its checkpoint).
+            check_finite(run.model, "fit: the model given to fit")
     if stopped:
         return start, True
-    if start == 0:  # a resumed model was checked with its checkpoint (check_saved_finite)
-        # A NaN start would train to NaN and look like divergence; name the real cause.
-        check_finite(run.model, "fit: the model given to fit")
+    if start == 0 and w.rank > 0:
+        # The ranks' own random starts: rank 0 draws what a single process would.
+        torch.manual_seed(D.rank_seed(torch.initial_seed(), w.rank))
     if run.cfg.rewind_at == 0 and run.history.rewind_state is None:
         run.history.rewind_state = _cpu_state(run.model)
     return start, False
@@ -359,7 +452,8 @@ def _epoch(run: _Run, epoch: int, callback: Callable[[int, History], None] | Non
     t0 = time.perf_counter()
     cur_lr = float(run.opt.param_groups[0]["lr"])
     if run.data_seed is not None:
-        rng.seed_epoch(run.gens, run.data_seed, epoch)
+        rng.seed_epoch(run.gens, D.rank_seed(run.data_seed, run.world.rank), epoch)
+    D.set_epoch(run.train_loader, epoch)
     stats = _train_epoch(run, epoch)
     if run.sched is not None and not run.per_iteration:
         run.sched.step()
@@ -401,13 +495,15 @@ def _attack_config(run: _Run, iteration: int) -> MethodConfig:
 def _train_step(run: _Run, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """One optimisation step on a batch (attacked as the method says); ``(loss, logits)``."""
     h = run.history
-    loss, logits = run.loss_fn(run.model, x, y, _attack_config(run, h.iterations + 1))
+    loss, logits = run.loss_fn(run.trained, x, y, _attack_config(run, h.iterations + 1),
+                               target=run.model)
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
     run.opt.step()
     if run.per_iteration:
         run.sched.step()
     h.iterations += 1
+    D.check_masks(run.model, run.world, f"after iteration {h.iterations}")
     if run.cfg.rewind_at is not None and h.iterations == run.cfg.rewind_at:
         h.rewind_state = _cpu_state(run.model)
     return loss, logits
@@ -442,28 +538,34 @@ def _train_epoch(run: _Run, epoch: int) -> _EpochStats:
             classes = int(logits.shape[1])
             bar.update(1)
             if h.iterations % _SYNC_EVERY == 0 or i == 0:
-                _check_loss(loss_sum, run.model, epoch, h.iterations)
-                if cfg.collapse_check and cfg.method != "natural" and cfg.eps > 0:
-                    collapse.check_gradients(run.model, x, y, epoch, h.iterations)
+                with D.together(run.world, f"the checks of epoch {epoch}"):
+                    _check_loss(loss_sum, run.model, epoch, h.iterations)
+                    if cfg.collapse_check and cfg.method != "natural" and cfg.eps > 0:
+                        collapse.check_gradients(run.model, x, y, epoch, h.iterations)
                 bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}",
                                 acc=f"{int(correct) / seen:.3f}")
-    _check_loss(loss_sum, run.model, epoch, h.iterations)
-    _check_weights(run.model, epoch, h.iterations)
-    return _EpochStats(float(loss_sum), int(correct), seen, classes)
+    with D.together(run.world, f"the checks of epoch {epoch}"):
+        _check_loss(loss_sum, run.model, epoch, h.iterations)
+        _check_weights(run.model, epoch, h.iterations)
+    D.check_weights(run.model, run.world, f"after epoch {epoch}")
+    total_loss, total_correct, total_seen = D.all_sum(
+        [float(loss_sum), float(correct), float(seen)], run.world, dev)
+    return _EpochStats(total_loss, int(total_correct), int(total_seen), classes)
 
 
 def _validate(run: _Run, epoch: int) -> tuple[float | None, float | None]:
     """``(clean accuracy, PGD accuracy)`` on the validation data (``None`` where absent)."""
+    w = run.world
     clean = (accuracy(run.model, run.val_loader, device=run.dev,
-                      max_batches=run.cfg.max_batches)
+                      max_batches=run.cfg.max_batches, world=w)
              if run.val_loader is not None else None)
-    if run.co_probe is not None:
-        return clean, float(run.co_probe(run.model, epoch))
+    if run.co_probe is not None:  # every rank's probe runs; rank 0's number counts
+        return clean, D.broadcast(float(run.co_probe(run.model, epoch)), w)
     if not run.fixed or run.cfg.eps == 0:
         return clean, None
     return clean, pgd_accuracy(run.model, run.fixed, eps=run.attack.eps,
                                alpha=run.attack.eps / 4, steps=run.cfg.val_steps,
-                               norm=run.cfg.norm, device=run.dev)
+                               norm=run.cfg.norm, device=run.dev, world=w)
 
 
 def _overfitting(run: _Run, epoch: int, robust: float | None) -> bool:
@@ -489,6 +591,9 @@ def _checkpoint(run: _Run, epoch: int, stopped: bool) -> None:
     """Write the full training state after ``epoch`` (if the run has a checkpoint file)."""
     if run.path is None:
         return
+    states = D.gather(rng.capture(run.gens), run.world)  # every rank's, for its resume
+    if not run.world.main:
+        return
     # No finiteness scan here: the epoch's _check_weights passed just before, and a
     # roll-back restores a state captured after such a check.
     ckpt_io.save_atomic({
@@ -496,14 +601,14 @@ def _checkpoint(run: _Run, epoch: int, stopped: bool) -> None:
         "config": run.settings, "model": run.model.state_dict(),
         "optimizer": run.opt.state_dict(),
         "scheduler": run.sched.state_dict() if run.sched is not None else None,
-        "rng": rng.capture(run.gens), "history": run.history.as_dict(),
+        "rng": states if run.world.active else states[0], "history": run.history.as_dict(),
         "detector": run.detector.state_dict() if run.check_co else None,
         "rewind_state": run.history.rewind_state,
     }, run.path)
 
 def _resume(
     path: Path, settings: Mapping[str, Any], model: nn.Module, opt: torch.optim.Optimizer,
-    sched: Any, gens: list[torch.Generator], detector: OverfitDetector,
+    sched: Any, gens: list[torch.Generator], detector: OverfitDetector, world: D.World,
 ) -> tuple[History, bool]:
     """Load checkpoint ``path`` into the run; return its History and whether it had stopped.
 
@@ -518,7 +623,7 @@ def _resume(
         opt.load_state_dict(saved["optimizer"])
         if sched is not None and saved["scheduler"] is not None:
             sched.load_state_dict(saved["scheduler"])
-        rng.restore(saved["rng"], gens)
+        rng.restore(saved["rng"][world.rank] if world.active else saved["rng"], gens)
     except (ValueError, KeyError, RuntimeError) as e:
         raise CheckpointError(f"checkpoint {path} does not match this run's optimizer, "
                               f"schedule or loader: {e}") from e
@@ -549,6 +654,10 @@ def _check_weights(model: nn.Module, epoch: int, iteration: int) -> None:
     """Raise :class:`NonFiniteError` if a step left NaN/Inf weights behind a finite loss."""
     check_finite(model, f"fit: the weights became non-finite in epoch {epoch} (by iteration "
                         f"{iteration}); {_ADVICE}")
+
+
+def _quiet(_msg: str) -> None:
+    pass
 
 
 def _fmt(r: dict[str, Any]) -> str:

@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..seeding import derive_seed
+
 
 def loader_generators(loader: Any) -> list[torch.Generator]:
     """The ``torch.Generator`` objects a DataLoader shuffles / seeds workers with."""
@@ -24,13 +26,8 @@ def loader_generators(loader: Any) -> list[torch.Generator]:
 
 
 def epoch_seed(seed: int, epoch: int, index: int = 0) -> int:
-    """Seed of generator ``index``'s shuffle in ``epoch``: a function of these three only.
-
-    ``SeedSequence`` mixes the tuple, so neighbouring (seed, epoch) pairs give unrelated
-    streams (``seed + epoch`` would make seed 0 epoch 2 repeat seed 1 epoch 1).
-    """
-    words = np.random.SeedSequence([seed, epoch, index]).generate_state(2, np.uint32)
-    return (int(words[0]) << 31 | int(words[1]) >> 1) & ((1 << 63) - 1)
+    """Seed of generator ``index``'s shuffle in ``epoch``: a function of these three only."""
+    return derive_seed(seed, epoch, index)
 
 
 def seed_epoch(generators: list[torch.Generator], seed: int, epoch: int) -> None:
