@@ -331,12 +331,13 @@ def _study_config(a: argparse.Namespace) -> Any:
 
 
 def _study(a: argparse.Namespace) -> int:
-    from .pipeline import study, study_report
+    from .pipeline import commands, study, study_report
     from .pipeline.commands import check_data_dir
 
     cfg = _study_config(a)
     check_data_dir(cfg.dataset, cfg.data_dir)
-    results = study.run_study(cfg, a.out, fresh=a.fresh, progress=not a.no_progress)
+    results = study.run_study(cfg, a.out, fresh=a.fresh, progress=not a.no_progress,
+                              process_group=commands.job_group())
     _say(study_report.table(results))
     _say("")
     _say(study_report.claims_section(results))
@@ -442,7 +443,9 @@ _RUNTIME_ERRORS = (RuntimeError, OSError, TypeError, ArithmeticError)
 
 
 def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
+    from .distributed import one_line
+
+    return one_line(e)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -222,7 +222,8 @@ def _device(w: World) -> torch.device:
         torch.device("cpu")
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (its type name when it has none)."""
     return " ".join(str(e).split()) or type(e).__name__
 
 
@@ -239,7 +240,7 @@ def together(w: World, what: str) -> Iterator[None]:
         yield
     except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks know
         err = e
-    status = gather(None if err is None else f"{type(err).__name__}: {_one_line(err)}", w)
+    status = gather(None if err is None else f"{type(err).__name__}: {one_line(err)}", w)
     if err is not None:
         raise err
     for rank, msg in enumerate(status):
@@ -374,5 +375,5 @@ def rank_seed(seed: int, rank: int) -> int:
 
 __all__ = ["SINGLE", "DistributedError", "World", "all_sum", "barrier", "broadcast",
            "broadcast_masks", "check_masks", "check_weights", "digest", "gather",
-           "init_from_env", "launched", "of_group", "rank_seed", "set_epoch", "shard_loader",
-           "shutdown", "stopped_by_peers", "together", "world"]
+           "init_from_env", "launched", "of_group", "one_line", "rank_seed", "set_epoch",
+           "shard_loader", "shutdown", "stopped_by_peers", "together", "world"]

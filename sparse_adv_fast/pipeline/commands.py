@@ -151,7 +151,7 @@ def _note(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def _group() -> Any:
+def job_group() -> Any:
     """The process group of the torchrun job the CLI joined, for ``fit`` / ``evaluate``
     (``None`` in a single process)."""
     w = D.world()
@@ -264,7 +264,7 @@ def train(
     with _run(out_path, settings, fresh) as runner, runtime.threads_for(dataset):
         hist = fit_stage(net, loaders, seed=seed, stage="train",
                          checkpoint=runner.scratch("train"), where=str(out_path),
-                         config=fit_cfg, progress=progress, process_group=_group())
+                         config=fit_cfg, progress=progress, process_group=job_group())
         _save_model(net, arch, out_path, method=method, eps=eps, epochs=epochs,
                     history=hist.as_dict(), rewind_at=fit_cfg.rewind_at,
                     rewind_state=hist.rewind_state)
@@ -330,7 +330,7 @@ def prune(
                     train_method=train_method, eps=eps, lr=lr, steps=steps,
                     batch_size=batch_size, seed=seed, data_dir=data_dir,
                     **_extras(fit_settings, augment))
-    kw = dict(config=fit_cfg, progress=progress, process_group=_group())
+    kw = dict(config=fit_cfg, progress=progress, process_group=job_group())
     loaders = _train_val(arch["dataset"], batch_size, data_dir, seed, augment)
     with _run(out_path, settings, fresh) as runner, runtime.threads_for(arch["dataset"]):
         if method == "imp":
@@ -339,7 +339,8 @@ def prune(
                        kw=dict(kw, where=str(out_path)))
         else:
             net = _hydra(net, arch, runner, loaders, sparsity=sparsity, scope=scope,
-                         epochs=epochs, eps=eps, steps=steps, seed=seed, progress=progress)
+                         epochs=epochs, eps=eps, steps=steps, seed=seed, progress=progress,
+                         train_method=train_method, beta=fit_cfg.beta)
         D.check_masks(net, D.world(), "after pruning")
         fit_stage(net, loaders, seed=seed, stage="finetune",
                   checkpoint=runner.scratch("finetune"), where=str(out_path), **kw)
@@ -398,14 +399,17 @@ def _imp(net: nn.Module, runner: StageRunner, loaders: tuple, *, sparsity: float
 
 def _hydra(net: nn.Module, arch: dict[str, Any], runner: StageRunner, loaders: tuple, *,
            sparsity: float, scope: str, epochs: int, eps: float, steps: int, seed: int,
-           progress: bool) -> nn.Module:
+           progress: bool, train_method: str, beta: float) -> nn.Module:
     # HYDRA's score training has no per-epoch checkpoint: its result is one stage, redone
-    # whole (from the same seed) if the run is killed inside it.
+    # whole (from the same seed) if the run is killed inside it. The scores train on the
+    # loss the weights are fine-tuned with: TRADES under --train-method trades, else PGD.
+    loss = "trades" if train_method == "trades" else "pgd"
+
     def scores() -> dict[str, Any]:
         seed_stage(seed, "hydra", loaders[0])
         pruned = _lib("prune").hydra(net, sparsity, loaders[0], epochs=epochs, eps=eps,
                                      alpha=eps / 4, steps=steps, scope=scope,
-                                     progress=progress)
+                                     progress=progress, loss=loss, beta=beta)
         return modelio.to_blob(pruned, arch)
 
     return modelio.from_blob(runner.run("hydra", scores), where=f"stage hydra of {runner.out_dir}")
@@ -459,7 +463,7 @@ def iwi(
     with _run(out_path, settings, fresh) as runner, runtime.threads_for(sarch["dataset"]):
         hist = fit_stage(target, loaders, seed=seed, stage="iwi",
                          checkpoint=runner.scratch("iwi"), where=str(out_path),
-                         config=fit_cfg, progress=progress, process_group=_group())
+                         config=fit_cfg, progress=progress, process_group=job_group())
         _save_model(target, arch, out_path, iwi_mode=mode, source=os.fspath(source),
                     history=hist.as_dict())
         _save_config(out_path, settings, fit_cfg)
@@ -482,7 +486,7 @@ def evaluate(
         res = _lib("train").evaluate(net.eval(), test, attacks=tuple(attacks), eps=eps,
                                      max_batches=max_batches, progress=progress,
                                      seed=0,
-                                     process_group=_group())
+                                     process_group=job_group())
     return {
         "checkpoint": os.fspath(checkpoint),
         "arch": arch,

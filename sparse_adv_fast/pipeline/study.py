@@ -14,6 +14,12 @@ runs them (in ``workers`` processes, one torch thread each on tiny inputs), and 
 * ``results.md``      the table and the verdicts; ``study_*.png`` plots with error bars;
 * ``timing.json``     wall time and which jobs ran or were skipped.
 
+Under torchrun (``process_group``, or the CLI's job) the ranks are the workers: in rounds,
+rank ``r`` runs the ``r``-th job that is ready, every rank learns every result, and rank 0
+alone writes the outputs. Each job seeds itself from its name and saves its own result and
+checkpoints, so the results equal a single process's and a killed run resumes; the
+output directory must be on a filesystem every rank shares.
+
 Tuning: on the first seed every arm is trained at each learning rate of its family's
 grid and the rate with the best validation worst-case robust accuracy is kept (ties: the
 earlier grid entry); the other seeds use it. The first seed's result is its selected
@@ -22,6 +28,7 @@ tuning run (selected on validation, then evaluated on test once).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import math
@@ -37,6 +44,7 @@ from typing import Any
 
 import torch
 
+from .. import distributed as D
 from ..checkpoint import write_atomic
 from . import arms as A
 from . import runtime, stats
@@ -174,7 +182,8 @@ def _quiet(_msg: str) -> None:
     pass
 
 
-def _store(out: Path, cfg: StudyConfig, progress: bool, fresh: bool = False) -> StageRunner:
+def _store(out: Path, cfg: StudyConfig, progress: bool, fresh: bool = False
+           ) -> StageRunner:
     # <out>/stages/<job>.pt, plus run.json: resuming with other settings is an error.
     return StageRunner(out, config=cfg.identity(), fresh=fresh, log=None if progress else _quiet)
 
@@ -241,10 +250,11 @@ class Study:
     """One study over one output directory."""
 
     def __init__(self, cfg: StudyConfig, out: str | os.PathLike[str], *, fresh: bool = False,
-                 progress: bool = True) -> None:
+                 progress: bool = True, world: D.World = D.SINGLE) -> None:
         self.cfg = cfg
         self.out = Path(out)
-        self.progress = progress
+        self.world = world
+        self.progress = progress and world.main
         self.store = _store(self.out, cfg, progress, fresh)
         self.ctx = Ctx(cfg, self.store)
         self.ran: list[str] = []
@@ -258,15 +268,18 @@ class Study:
         """Run or resume every job; write the outputs; return the results dict."""
         t0 = time.perf_counter()
         plan = budget_plan(self.cfg, self.ctx.steps_per_epoch)
-        self._write_config(plan)
+        if self.world.main:
+            self._write_config(plan)
         summaries = self._execute()
         from . import study_report
 
         results = aggregate(self.cfg, plan, summaries)
-        study_report.write_all(results, self.out)
-        timing = {"seconds": time.perf_counter() - t0, "workers": self.cfg.workers,
-                  "jobs_ran": self.ran, "jobs_skipped": self.skipped}
-        write_atomic(self.out / "timing.json", json.dumps(timing, indent=2) + "\n")
+        if self.world.main:
+            study_report.write_all(results, self.out)
+            timing = {"seconds": time.perf_counter() - t0, "workers": self.cfg.workers,
+                      "ranks": self.world.size, "jobs_ran": self.ran,
+                      "jobs_skipped": self.skipped}
+            write_atomic(self.out / "timing.json", json.dumps(timing, indent=2) + "\n")
         return results
 
     def _write_config(self, plan: dict[str, Any]) -> None:
@@ -277,6 +290,10 @@ class Study:
     def _execute(self) -> dict[str, dict[str, Any]]:
         graph = Graph(self.cfg)
         done: dict[str, dict[str, Any]] = {}
+        if self.world.active:
+            _WORKER["ctx"] = self.ctx
+            with runtime.threads_for(self.cfg.dataset):
+                return self._rounds(graph, done)
         if self.cfg.workers == 1:
             _WORKER["ctx"] = self.ctx
             with runtime.threads_for(self.cfg.dataset):
@@ -291,23 +308,14 @@ class Study:
     def _loop(self, graph: Graph, done: dict[str, dict[str, Any]],
               submit: Callable[[Job], Any]) -> dict[str, dict[str, Any]]:
         running: dict[Any, str] = {}
-        sel: dict[str, float] = {}
         while True:
-            val = {k: s["val"][METRIC] for k, s in done.items() if k.startswith("train.")}
-            sel, _ = select(self.cfg, val)
-            jobs = graph.build(sel)
-            busy = set(running.values())
-            found = [k for k in jobs if k not in done and k not in busy and self.store.done(k)]
-            for key in found:
-                done[key] = _summary(self.store.load(key))
-                self.skipped.append(key)
+            found, ready, pending = self._next(graph, done, set(running.values()))
             if found:
+                self._found(done, found)
                 continue  # finished earlier: their results may select more learning rates
-            ready = [j for k, j in jobs.items() if k not in done and k not in busy
-                     and all(d in done for d in j.deps)]
             if not ready and not running:
-                if any(k not in done for k in jobs):
-                    raise RuntimeError("study: the job graph is stuck (a dependency never ran)")
+                if pending:
+                    raise RuntimeError(_STUCK)
                 break  # every job nameable under the current selection is done
             for job in ready:
                 running[submit(job)] = job.key
@@ -317,6 +325,63 @@ class Study:
                 done[key] = fut.result()  # re-raises a job's exception here
                 self.ran.append(key)
         return done
+
+
+    def _next(self, graph: Graph, done: dict[str, dict[str, Any]], busy: set[str]
+              ) -> tuple[dict[str, dict[str, Any]], list[Job], bool]:
+        """``(jobs finished in an earlier run with their summaries, jobs ready to run,
+        whether any nameable job is still to do)`` given what is done and running."""
+        val = {k: s["val"][METRIC] for k, s in done.items() if k.startswith("train.")}
+        sel, _ = select(self.cfg, val)
+        jobs = graph.build(sel)
+        found = {k: _summary(self.store.load(k)) for k in jobs
+                 if k not in done and k not in busy and self.store.done(k)}
+        ready = [j for k, j in jobs.items() if k not in done and k not in busy
+                 and all(d in done for d in j.deps)]
+        return found, ready, any(k not in done for k in jobs)
+
+    def _found(self, done: dict[str, dict[str, Any]], found: dict[str, dict[str, Any]]) -> None:
+        done.update(found)
+        self.skipped.extend(found)
+
+    def _rounds(self, graph: Graph, done: dict[str, dict[str, Any]]
+                ) -> dict[str, dict[str, Any]]:
+        """The job loop over the ranks of a torchrun job: rank 0 plans each round (what
+        an earlier run finished, which jobs are ready), rank ``r`` runs the ``r``-th ready
+        job, and every rank records every result. A failed job stops every rank."""
+        w = self.world
+        while True:
+            found, ready, pending = D.broadcast(
+                self._next(graph, done, set()) if w.main else None, w)
+            if found:
+                self._found(done, found)
+                continue
+            if not ready:
+                if pending:
+                    raise RuntimeError(_STUCK)
+                return done
+            mine = ready[w.rank] if w.rank < len(ready) else None
+            outcome: tuple[str, Any] | None = None
+            err: Exception | None = None
+            if mine is not None:
+                try:
+                    outcome = ("ok", _run_job(mine))
+                except Exception as e:  # noqa: BLE001 - every rank raises below
+                    err, outcome = e, ("error", f"{type(e).__name__}: {D.one_line(e)}")
+            for rank, (key, result) in enumerate(
+                    D.gather((mine.key if mine else None, outcome), w)):
+                if key is None:
+                    continue
+                status, value = result
+                if status == "error":
+                    if err is not None:
+                        raise err
+                    raise D.DistributedError(f"study job {key} failed on rank {rank}: {value}")
+                done[key] = value
+                self.ran.append(key)
+
+
+_STUCK = "study: the job graph is stuck (a dependency never ran)"
 
 
 class _Now:
@@ -410,7 +475,8 @@ def aggregate(cfg: StudyConfig, plan: dict[str, Any], summaries: Mapping[str, di
 
 
 def run_study(config: StudyConfig | Mapping[str, Any], out_dir: str | os.PathLike[str], *,
-              fresh: bool = False, progress: bool = True) -> dict[str, Any]:
+              fresh: bool = False, progress: bool = True,
+              process_group: Any = None) -> dict[str, Any]:
     """Run or resume the study ``config`` in ``out_dir``; returns the results dict that is
     also saved as ``results.json`` (see the module docstring for every file written).
 
@@ -419,11 +485,33 @@ def run_study(config: StudyConfig | Mapping[str, Any], out_dir: str | os.PathLik
     a directory holding a study with other settings is a ``StageError``. ``out_dir`` is
     checked writable (:func:`~.outputs.check_output_dir`) and locked for the run: a second
     run into it (also with ``fresh``) raises :class:`~.lock.RunLockedError` at once.
+    ``process_group``: fan the jobs out over the group's ranks (see the module docstring;
+    ``workers`` is then unused: each rank runs one job at a time); every rank returns the
+    results, rank 0 writes the files.
     """
     cfg = config if isinstance(config, StudyConfig) else StudyConfig.from_dict(config)
-    out = check_output_dir(out_dir)
-    with RunLock(out):  # taken before --fresh deletes anything
-        return Study(cfg, out, fresh=fresh, progress=progress).run()
+    w = D.of_group(process_group) if process_group is not None else D.SINGLE
+    with D.together(w, "study's checks"):
+        out = check_output_dir(out_dir)
+        _check_world(cfg, w)
+    # Taken before --fresh deletes anything; rank 0 holds it for the whole job.
+    with RunLock(out) if w.main else contextlib.nullcontext():
+        with D.together(w, f"opening the study directory {out}"):
+            study = Study(cfg, out, fresh=fresh, progress=progress, world=w) if w.main \
+                else None
+        D.barrier(w)  # the others open the directory once rank 0 has set it up
+        if study is None:
+            study = Study(cfg, out, progress=progress, world=w)
+        return study.run()
+
+
+def _check_world(cfg: StudyConfig, w: D.World) -> None:
+    """A torchrun job with more ranks than the study has training jobs leaves ranks idle
+    for the whole run: refused before any work."""
+    jobs = sum(len(cfg.family_grid(a)) for a in cfg.arms) + len(cfg.arms) * (len(cfg.seeds) - 1)
+    if w.size > jobs:
+        raise ValueError(f"study: {w.size} ranks for {jobs} training jobs (some ranks would "
+                         "never run one); use at most that many ranks or more seeds / arms")
 
 
 __all__ = ["FORMAT", "OUTPUTS", "Graph", "Job", "Study", "aggregate", "budget_plan", "result_key",
