@@ -1,12 +1,15 @@
-"""HYDRA score-based pruning: exact counts, the zero-epoch rule, scores that learn."""
+"""HYDRA score-based pruning: exact counts, the zero-epoch rule, scores that learn, and the
+TRADES score loss (one step checked against autograd of the objective through the STE)."""
 
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune as tprune
 
@@ -157,6 +160,12 @@ def test_failure_during_training_leaves_model_as_it_was():
         ({"epochs": -1}, ValueError, "epochs"),
         ({"lr": 0.0}, ValueError, "lr"),
         ({"attack": 3}, TypeError, "attack"),
+        ({"loss": "foo"}, ValueError,
+         r"^hydra: unknown loss 'foo'; choose one of \('pgd', 'trades'\)$"),
+        ({"loss": "trades", "attack": natural}, ValueError, "attack= is the hook of loss='pgd'"),
+        ({"beta": -1.0}, ValueError, "beta must be a finite number >= 0"),
+        ({"beta": float("nan")}, ValueError, "beta"),
+        ({"beta": True}, ValueError, "beta"),
     ],
 )
 def test_bad_arguments(kwargs, exc, match):
@@ -165,3 +174,179 @@ def test_bad_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         saf.prune.hydra(model, args.pop("sparsity"), _loader(), **args)
     assert not saf.nn.masked_layers(model)
+
+
+# ---- loss="trades" --------------------------------------------------------------------------
+HYDRA_MODULE = importlib.import_module("sparse_adv_fast.prune.hydra")
+
+
+def _kl_attack_by_hand(f, x, *, eps, alpha, steps):
+    """The TRADES inner attack written out: start at x + 0.001 randn, then signed-gradient
+    ascent on KL(f(x) || f(x_adv)) projected onto the linf eps-ball and [0, 1]."""
+    with torch.no_grad():
+        p = F.softmax(f(x), 1)
+    xa = (x + 0.001 * torch.randn_like(x)).clamp(0, 1)
+    for _ in range(steps):
+        xa = xa.detach().requires_grad_(True)
+        q = F.log_softmax(f(xa), 1)
+        kl = (p * (p.log() - q)).sum()
+        (g,) = torch.autograd.grad(kl, xa)
+        xa = torch.min(torch.max(xa + alpha * g.sign(), x - eps), x + eps).clamp(0, 1)
+    return xa.detach()
+
+
+def _prune_lowest_half(score: torch.Tensor) -> torch.Tensor:
+    keep = torch.ones(score.numel(), dtype=torch.bool)
+    keep[score.flatten().argsort()[: round(0.5 * score.numel())]] = False
+    return keep.view_as(score)
+
+
+def test_trades_score_step_equals_autograd_of_the_trades_objective(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    x = torch.rand(8, 4)
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    ref = copy.deepcopy(model)
+    lr, beta, eps, alpha, steps = 0.5, 2.5, 0.2, 0.05, 3
+
+    seen = []  # every |s| the masks are selected from: init, before the step, after it
+    real_select = HYDRA_MODULE.select
+
+    def spy(scores, *args):
+        seen.append({n: t.detach().clone() for n, t in scores.items()})
+        return real_select(scores, *args)
+
+    monkeypatch.setattr(HYDRA_MODULE, "select", spy)
+    torch.manual_seed(7)
+    out = saf.prune.hydra(model, 0.5, [(x, y)], epochs=1, lr=lr, momentum=0.9, eps=eps,
+                          alpha=alpha, steps=steps, scope="layer", loss="trades", beta=beta)
+
+    # The oracle, by hand: HYDRA's init, the layer-wise top half, the KL attack on the masked
+    # network, then the TRADES objective through the STE w * (mask + |s| - sg(|s|)).
+    names = ("0", "2")
+    w = {n: ref.get_submodule(n).weight.detach() for n in names}
+    b = {n: ref.get_submodule(n).bias.detach() for n in names}
+    s0 = {n: math.sqrt(6 / w[n].shape[1]) * w[n] / w[n].abs().max() for n in names}
+    mask0 = {n: _prune_lowest_half(s0[n].abs()) for n in names}
+    assert len(seen) == 3
+    for n in names:
+        assert torch.allclose(seen[0][n], s0[n].abs()) and torch.equal(seen[1][n], seen[0][n])
+
+    def net(inp, weights):
+        return F.linear(F.relu(F.linear(inp, weights["0"], b["0"])), weights["2"], b["2"])
+
+    torch.manual_seed(7)
+    x_adv = _kl_attack_by_hand(lambda i: net(i, {n: w[n] * mask0[n] for n in names}), x,
+                               eps=eps, alpha=alpha, steps=steps)
+    assert (x_adv - x).abs().max() > 0.1  # the attack moved: the KL term is not ~0
+
+    def stepped(objective):
+        s = {n: s0[n].clone().requires_grad_(True) for n in names}
+        w_eff = {n: w[n] * (mask0[n].float() + s[n].abs() - s[n].abs().detach()) for n in names}
+        grads = torch.autograd.grad(objective(w_eff), [s[n] for n in names])
+        # the first SGD step: the momentum buffer is the gradient, the rate is lr
+        return {n: (s0[n] - lr * g).abs() for n, g in zip(names, grads, strict=True)}
+
+    def trades(w_eff):
+        clean, adv = net(x, w_eff), net(x_adv, w_eff)
+        p = F.softmax(clean, 1)
+        kl = (p * (F.log_softmax(clean, 1) - F.log_softmax(adv, 1))).sum(1).mean()
+        return F.cross_entropy(clean, y) + beta * kl
+
+    want = stepped(trades)
+    pgd_like = stepped(lambda w_eff: F.cross_entropy(net(x_adv, w_eff), y))
+    for n in names:
+        assert (want[n] - s0[n].abs()).abs().max() > 1e-3  # the step moved the scores
+        assert torch.allclose(seen[2][n], want[n], rtol=1e-5, atol=1e-6), n
+        assert not torch.allclose(seen[2][n], pgd_like[n], rtol=1e-3, atol=1e-4), n
+        assert torch.equal(saf.masks(out)[n], _prune_lowest_half(want[n])), n
+        assert torch.equal(out.get_submodule(n).weight, w[n] * _prune_lowest_half(want[n]))
+
+
+def test_trades_uses_the_trades_helpers_with_the_given_settings(monkeypatch):
+    import sparse_adv_fast.attacks as attacks
+    import sparse_adv_fast.train.trades as T
+
+    attacks_seen, betas = [], []
+    real_loss = T.trades_loss
+
+    def fake_attack(model, x, **kw):
+        attacks_seen.append(kw)
+        return x
+
+    def loss_spy(model, x, y, x_adv, beta):
+        betas.append(beta)
+        return real_loss(model, x, y, x_adv, beta)
+
+    def no_pgd(*a, **k):
+        raise AssertionError("loss='trades' must not run PGD")
+
+    monkeypatch.setattr(T, "trades_attack", fake_attack)
+    monkeypatch.setattr(T, "trades_loss", loss_spy)
+    monkeypatch.setattr(attacks, "pgd", no_pgd, raising=False)
+    saf.prune.hydra(_net(), 0.5, _loader(), epochs=1, eps=0.1, alpha=0.02, steps=3,
+                    loss="trades", beta=4.0)
+    assert attacks_seen == [{"eps": 0.1, "alpha": 0.02, "steps": 3}] * 3
+    assert betas == [4.0] * 3
+    betas.clear()
+    saf.prune.hydra(_net(), 0.5, _loader(), epochs=1, loss="trades")
+    assert betas == [6.0] * 3  # TRADES' usual weight by default
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_trades_training_reaches_sparsity_exactly(scope):
+    model = _net()
+    before = {k: v.clone() for k, v in saf.sparsify(model).state_dict().items()}
+    out = saf.prune.hydra(model, 0.55, _loader(), epochs=2, lr=0.5, eps=0.1, alpha=0.05,
+                          steps=2, scope=scope, loss="trades")
+    masks = saf.masks(out)
+    if scope == "global":
+        n = sum(m.numel() for m in masks.values())
+        assert sum(int((~m).sum()) for m in masks.values()) == round(0.55 * n)
+    else:
+        for m in masks.values():
+            assert int((~m).sum()) == round(0.55 * m.numel())
+    for n in _LAYERS:
+        layer = model.get_submodule(n)
+        assert torch.equal(layer.weight, before[f"{n}.weight"] * masks[n])
+        assert torch.equal(layer.bias, before[f"{n}.bias"])
+    assert torch.equal(model[1].weight, before["1.weight"])
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_trades_failure_during_training_leaves_model_as_it_was(monkeypatch):
+    import sparse_adv_fast.train.trades as T
+
+    model = saf.sparsify(_net())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def boom(model, x, **kw):
+        raise RuntimeError("kl attack failed")
+
+    monkeypatch.setattr(T, "trades_attack", boom)
+    with pytest.raises(RuntimeError, match="kl attack failed"):
+        saf.prune.hydra(model, 0.5, _loader(), epochs=1, loss="trades")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("train_method, loss", [("trades", "trades"), ("pgd", "pgd"),
+                                                ("natural", "pgd"), ("fgsm_rs", "pgd")])
+def test_prune_command_scores_train_on_the_fine_tuning_loss(monkeypatch, train_method, loss):
+    # `prune --method hydra --train-method trades`: the scores train on TRADES (with the
+    # fine-tuning's beta), as in HYDRA, where both phases share one loss; otherwise on PGD.
+    from sparse_adv_fast.pipeline import commands, modelio
+
+    class Runner:  # a stage runner that runs the stage and keeps nothing
+        out_dir = "run"
+
+        def run(self, name, fn):
+            return fn()
+
+    calls = []
+    monkeypatch.setattr(saf.prune, "hydra", lambda net, sp, loader, **kw: calls.append(kw) or net)
+    arch = modelio.arch_spec("mlp", "digits", 1)
+    commands._hydra(modelio.build(arch), arch, Runner(), (_loader(), None), sparsity=0.5,
+                    scope="layer", epochs=1, eps=0.1, steps=2, seed=0, progress=False,
+                    train_method=train_method, beta=3.0)
+    assert [(kw["loss"], kw["beta"]) for kw in calls] == [(loss, 3.0)]

@@ -7,8 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
+import sparse_adv_fast as saf
 from sparse_adv_fast.pipeline import arms as A
+from sparse_adv_fast.pipeline import modelio, study_tasks
 from sparse_adv_fast.pipeline import study_config as sc
 from sparse_adv_fast.pipeline.study import run_study
 
@@ -59,6 +62,60 @@ def test_identity_leaves_out_run_settings() -> None:
     assert a.identity() == b.identity() and "workers" not in a.identity()
 
 
+def test_hydra_loss_trades_is_a_setting_of_the_result() -> None:
+    c = sc.load(overrides=["hydra_loss=trades"])
+    assert c.hydra_loss == "trades" and c == sc.StudyConfig(hydra_loss="trades")
+    assert sc.StudyConfig().hydra_loss == "pgd"
+    # In the identity: a study directory run with one loss refuses to resume with the other.
+    assert c.identity()["hydra_loss"] == "trades"
+    assert c.identity() != sc.StudyConfig().identity()
+    with pytest.raises(ValueError, match=r"unknown hydra_loss 'foo'"):
+        sc.StudyConfig(hydra_loss="foo")
+
+
+class _HydraCtx(study_tasks.Ctx):
+    """A study context whose start job is a fresh small CNN (no store) and whose train split
+    is 48 random digits-shaped images."""
+
+    def __init__(self, cfg: sc.StudyConfig) -> None:
+        super().__init__(cfg, store=None)
+        g = torch.Generator().manual_seed(0)
+        x = torch.rand(48, 1, 8, 8, generator=g)
+        y = torch.randint(0, 10, (48,), generator=g)
+        self._data = (torch.utils.data.TensorDataset(x, y), None, None)
+
+    def load(self, key: str) -> dict:
+        return {"ledger": [{"phase": "start-w1: train", "steps": 0}]}
+
+    def model(self, key: str, field: str = "model") -> torch.nn.Module:
+        torch.manual_seed(0)
+        return modelio.build(self.arch(False))
+
+
+@pytest.mark.parametrize("loss", ["pgd", "trades"])
+def test_the_hydra_job_trains_scores_on_hydra_loss(loss: str, monkeypatch) -> None:
+    # B = 4, one IMP round: L = 2, so the dense prefix B - 2L is empty and the job is the
+    # score phase alone: 2 epochs of 1 batch of 48.
+    cfg = sc.StudyConfig(hydra_loss=loss, budget_epochs=4, imp_rounds=1, train_steps=1,
+                         batch_size=48, arms=("dense_at", "hydra"), seeds=(0,))
+    calls = []
+    real = saf.prune.hydra
+
+    def spy(*args, **kw):
+        calls.append(kw)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(saf.prune, "hydra", spy)
+    with saf.backends.using(cfg.backend):  # as study._run_job runs every job
+        res = study_tasks.job_hydra(_HydraCtx(cfg), seed=0, lr=0.1, start="start")
+    assert [kw["loss"] for kw in calls] == [loss]
+    assert res["ledger"][-1] == {"phase": "hydra: scores", "steps": 2, "epochs": 2,
+                                 "lr": cfg.hydra_score_lr, "method": f"hydra-{loss}"}
+    model = modelio.from_blob(res["model"])
+    for m in saf.masks(model).values():  # hydra_scope "layer": each layer at the target
+        assert int((~m).sum()) == round(cfg.sparsities[-1] * m.numel())
+
+
 BAD = [
     (["arms=dense_at,bogus"], r"^config: unknown arm 'bogus'; choose from"),
     (["arms=random"],
@@ -90,7 +147,8 @@ BAD = [
     (["imp_rate=1.0"], r"imp_rate must be in \(0, 1\)"),
     (["widen=1"], r"widen must be an int >= 2"),
     (["dataset=svhn"], r"unknown dataset 'svhn'; choose one of"),
-    (["hydra_loss=trades"], r"hydra_loss='trades' is not available"),
+    (["hydra_loss=foo"], r"^config: unknown hydra_loss 'foo'; choose one of \('pgd', 'trades'\)$"),
+    (["hydra_loss=trades"], None),  # HYDRA's scores train on the TRADES loss too
     (["backend=fast"], r"unknown backend 'fast'; choose one of"),
     (["noequals"], r"is not of the form key=value"),
     (["eps.x=1"], r"only lr_grid has sub-keys"),

@@ -20,6 +20,7 @@ from typing import Any
 
 from .. import backends
 from .. import config as C
+from ..prune.hydra import LOSSES as HYDRA_LOSSES  # the score-phase losses
 from ..train.config import TrainConfig
 from . import arms as A
 
@@ -66,15 +67,6 @@ def _seeds(v: Any) -> tuple[int, ...]:
     return tuple(v)
 
 
-def _hydra_loss(v: Any) -> str:
-    if v == "trades":
-        raise ValueError("hydra_loss='trades' is not available: saf.prune.hydra trains the "
-                         "scores on the cross-entropy of attacked inputs only; use 'pgd'")
-    if v != "pgd":
-        raise ValueError(f"unknown hydra_loss {v!r}; choose one of ('pgd',)")
-    return v
-
-
 _LR = C.field_check(TrainConfig, "lr")
 
 
@@ -107,7 +99,8 @@ class StudyConfig(C.Config):
     ``budget_epochs`` (B, after the start, the same for every arm), ``imp_rate``,
     ``imp_rounds`` (R), ``sparsity`` (the target of every pruning arm; default
     ``1 - (1 - rate)^R``). Arms: ``arms``, ``widen`` (w), ``iwi_ticket_source``,
-    ``iwi_widen_source``, ``hydra_scope``, ``hydra_loss``, ``hydra_score_lr``. Tuning:
+    ``iwi_widen_source``, ``hydra_scope``, ``hydra_loss`` (the loss HYDRA's scores train on,
+    ``pgd`` or ``trades``), ``hydra_score_lr``. Tuning:
     ``lr_grid`` (family -> learning rates; each arm is tuned on its family's grid by
     validation robust accuracy on the first seed). Evaluation: ``val_attacks``,
     ``eval_attacks`` (suite names of ``saf.train.evaluate``; the worst case is the metric),
@@ -145,7 +138,7 @@ class StudyConfig(C.Config):
     iwi_ticket_source: str = C.text("imp")
     iwi_widen_source: str = C.text("dense_at")
     hydra_scope: str = C.choice("layer", HYDRA_SCOPES)
-    hydra_loss: str = C.checked("pgd", _hydra_loss, kind="str")
+    hydra_loss: str = C.choice("pgd", HYDRA_LOSSES)
     hydra_score_lr: float = C.number(0.1, lo=0, lo_open=True)
     lr_grid: dict[str, tuple[float, ...]] = C.checked(
         {"at": (0.05, 0.1), "finetune": (0.02, 0.05)}, _grid)

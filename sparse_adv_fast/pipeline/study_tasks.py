@@ -239,7 +239,7 @@ def job_hydra(ctx: Ctx, *, seed: int, lr: float, start: str) -> dict[str, Any]:
     model = _lib("prune").hydra(
         model, c.sparsities[-1], loader, epochs=c.segment, lr=c.hydra_score_lr, eps=eps,
         alpha=eps / 4, steps=c.train_steps, scope=c.hydra_scope, progress=False,
-        momentum=c.momentum)
+        momentum=c.momentum, loss=c.hydra_loss)
     ledger.append({"phase": "hydra: scores", "steps": loader.count, "epochs": c.segment,
                    "lr": c.hydra_score_lr, "method": f"hydra-{c.hydra_loss}"})
     return {"model": modelio.to_blob(model, ctx.arch(False)), "ledger": ledger}

@@ -2,16 +2,20 @@
 
 Each weight gets an importance score; the weights are frozen and the network uses
 ``w * mask(s)`` with ``mask(s)`` the top-k of ``|s|``. The scores are trained by SGD on
-the adversarial loss, with the straight-through estimator ``dL/ds = dL/dw_eff * w *
-sign(s)`` (the mask's gradient is taken as the identity).
+an adversarial loss, with the straight-through estimator ``dL/ds = dL/dw_eff * w *
+sign(s)`` (the mask's gradient is taken as the identity). The loss is an
+adversarial-training objective (the paper's experiments use both): ``"pgd"``, the
+cross-entropy of PGD inputs (Madry et al.), or ``"trades"``, ``CE(f(x), y) + beta *
+KL(f(x) || f(x_adv))`` with ``x_adv`` from the KL attack (Zhang et al. 2019;
+``saf.train.trades``'s attack and loss).
 
 Design (no monkey-patching, no parametrisation): during score training each masked layer
 holds an all-ones mask and its stored ``weight`` is set, without grad, to ``w * mask(s)``
 before every step. The layer's own forward then computes the masked network exactly
-(attacks included: PGD runs on the current masked network with no special path), and,
-with an all-ones mask, autograd delivers the dense ``dL/dw_eff`` at every position, pruned
-ones included, which the STE turns into the score gradient. At the end the original
-weights are restored and the final masks applied.
+(attacks included: PGD or the TRADES attack runs on the current masked network with no
+special path), and, with an all-ones mask, autograd delivers the dense ``dL/dw_eff`` at
+every position, pruned ones included, which the STE turns into the score gradient. At the
+end the original weights are restored and the final masks applied.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ from ..nn.masked import _MaskedMixin
 from ._select import check_scope, check_sparsity, masked_model, select
 
 Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]
+# The loss of the score step from the batch and its attacked inputs: (model, x, y, x_adv).
+Objective = Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor]
+LOSSES = ("pgd", "trades")
 
 
 def init_scores(layers: dict[str, _MaskedMixin]) -> dict[str, Tensor]:
@@ -56,6 +63,22 @@ def _default_attack(eps: float, alpha: float, steps: int) -> Attack:
     return atk
 
 
+def _ce_on_adv(model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor) -> Tensor:
+    return F.cross_entropy(model(x_adv), y)
+
+
+def _trades(eps: float, alpha: float, steps: int, beta: float) -> tuple[Attack, Objective]:
+    from ..train import trades as T  # a peer module, loaded on use
+
+    def atk(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        return T.trades_attack(model, x, eps=eps, alpha=alpha, steps=steps)
+
+    def objective(model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor) -> Tensor:
+        return T.trades_loss(model, x, y, x_adv, beta)[0]
+
+    return atk, objective
+
+
 def hydra(
     model: nn.Module,
     sparsity: float,
@@ -70,20 +93,33 @@ def hydra(
     scope: str = "global",
     progress: bool = False,
     momentum: float = 0.9,
+    loss: str = "pgd",
+    beta: float = 6.0,
 ) -> nn.Module:
     """Prune ``model`` to ``sparsity`` with HYDRA's adversarially trained importance scores.
 
     Scores start from :func:`init_scores`; for ``epochs`` passes over ``loader`` (batches
     ``(x, y)`` with inputs in [0, 1]) each batch is attacked on the current masked network
-    (``attack(model, x, y) -> x_adv``, default ``saf.attacks.pgd`` with ``eps``, ``alpha``,
-    ``steps``; ``attack=lambda m, x, y: x`` trains on natural data), and the scores take
-    one SGD step (``lr``, ``momentum``, cosine decay) on the cross-entropy of ``x_adv``.
+    and the scores take one SGD step (``lr``, ``momentum``, cosine decay) on ``loss``:
+
+    * ``"pgd"`` (default): the cross-entropy of ``x_adv = attack(model, x, y)``, by default
+      ``saf.attacks.pgd`` with ``eps``, ``alpha``, ``steps``
+      (``attack=lambda m, x, y: x`` trains on natural data);
+    * ``"trades"``: ``CE(f(x), y) + beta * KL(f(x) || f(x_adv))`` (batch mean) with
+      ``x_adv`` from the TRADES KL attack (``eps``, ``alpha``, ``steps``), the attack and
+      loss of ``saf.train.trades``, as TRADES adversarial training uses them. ``attack`` is
+      the PGD loss's hook and is refused here (the KL attack is part of the objective).
+
+    Only the objective of the score phase changes: HYDRA's fine-tuning afterwards is
+    ``saf.train.fit`` with the method of choice (the paper trains both with one loss).
     Weights and every other parameter stay frozen; the model runs in train mode as in
     HYDRA, so BatchNorm running statistics follow the masked network. Finally the top
     ``1 - sparsity`` of ``|s|`` are kept (``scope`` and the count rule as in
     :func:`magnitude`; weights already pruned stay pruned). Finish with adversarial
     fine-tuning of the weights (``saf.train.fit``). Returns the model.
     """
+    if loss not in LOSSES:
+        raise ValueError(f"hydra: unknown loss {loss!r}; choose one of {LOSSES}")
     s = check_sparsity(sparsity, "hydra")
     check_scope(scope, "hydra")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
@@ -92,6 +128,12 @@ def hydra(
         raise ValueError(f"hydra: lr must be > 0, got {lr!r}")
     if attack is not None and not callable(attack):
         raise TypeError(f"hydra: attack must be callable atk(model, x, y), got {attack!r}")
+    if loss == "trades" and attack is not None:
+        raise ValueError("hydra: attack= is the hook of loss='pgd'; loss='trades' uses the "
+                         "TRADES KL attack (eps, alpha, steps), so pass no attack")
+    if (isinstance(beta, bool) or not isinstance(beta, (int, float))
+            or not math.isfinite(beta) or beta < 0):
+        raise ValueError(f"hydra: beta must be a finite number >= 0, got {beta!r}")
     if epochs > 0 and not isinstance(loader, Iterable):
         raise TypeError(f"hydra: loader must be an iterable of (x, y), got {loader!r}")
     model, layers = masked_model(model, "hydra")
@@ -103,9 +145,13 @@ def hydra(
 
     final = current()  # validates the target against what is already pruned, before changes
     if epochs > 0:
-        atk = attack if attack is not None else _default_attack(eps, alpha, steps)
+        if loss == "trades":
+            atk, objective = _trades(eps, alpha, steps, float(beta))
+        else:
+            atk = attack if attack is not None else _default_attack(eps, alpha, steps)
+            objective = _ce_on_adv
         _train_scores(model, layers, scores, current, loader, epochs, lr, momentum, atk,
-                      progress)
+                      objective, progress)
         final = current()
     return apply_masks(model, final)
 
@@ -113,7 +159,7 @@ def hydra(
 def _train_scores(
     model: nn.Module, layers: dict[str, _MaskedMixin], scores: dict[str, Tensor],
     current: Callable[[], dict[str, Tensor]], loader: Iterable, epochs: int, lr: float,
-    momentum: float, atk: Attack, progress: bool,
+    momentum: float, atk: Attack, objective: Objective, progress: bool,
 ) -> None:
     frozen = {n: m.weight.detach().clone() for n, m in layers.items()}
     alive = {n: m.weight_mask.detach().clone() for n, m in layers.items()}
@@ -148,7 +194,7 @@ def _train_scores(
                 model.train()
                 for m in layers.values():
                     m.weight.grad = None
-                F.cross_entropy(model(x_adv), y).backward()
+                objective(model, x, y, x_adv).backward()
                 with torch.no_grad():
                     for n, m in layers.items():
                         g = m.weight.grad
