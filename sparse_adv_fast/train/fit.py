@@ -326,8 +326,7 @@ def _build(model: nn.Module, loaders: Any, cfg: TrainConfig, checkpoint: Any,
     batches = _batches_per_epoch(train_loader, cfg)
     dev = torch.device(device) if device is not None else params[0].device
     _sync_batchnorm(model, cfg, world, dev)
-    model.to(dev)
-    params = [p for p in model.parameters() if p.requires_grad]
+    model.to(dev)  # in place: the Parameter objects (SyncBatchNorm's too) stay the same
     opt = _make_optimizer(cfg, params)
     sched, per_iteration = _schedule(cfg, opt, batches)
     check_co = cfg.co_check and cfg.method != "natural" and (
@@ -433,7 +432,7 @@ def _start(run: _Run, resume: bool) -> tuple[int, bool]:
                                            run.gens, run.detector, w)
             start = int(run.history.resumed_from_epoch or 0)
             run.emit(f"resumed from {path} after epoch {start}")
-        elif start == 0:
+        else:
             # A NaN start would train to NaN and look like divergence; name the real
             # cause (a resumed model was checked with its checkpoint).
             check_finite(run.model, "fit: the model given to fit")
