@@ -306,6 +306,31 @@ def check_weights(model: nn.Module, w: World, when: str) -> None:
     _compare(list(model.state_dict().items()), w, "weights", when)
 
 
+def average_buffers(model: nn.Module, w: World) -> None:
+    """Replace every BatchNorm running mean and variance by its mean over the ranks,
+    bit-identical everywhere.
+
+    DDP gives each step rank 0's buffers, and then every rank updates them from its own
+    shard, so after the last step of an epoch they differ. The mean over the shards is
+    the better estimate of the full batch's statistics, and it makes the ranks equal
+    again before the weight check and rank 0's checkpoint.
+    """
+    if not w.active:
+        return
+    import torch.distributed as dist
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    stats = [b for m in model.modules() if isinstance(m, _BatchNorm)
+             for b in (m.running_mean, m.running_var) if b is not None]
+    for buf in stats:
+        tmp = buf.detach().to(_device(w), copy=True)
+        dist.all_reduce(tmp, group=w.group)
+        tmp /= w.size
+        # The reduction order may differ per rank in some backends: rank 0's result wins.
+        dist.broadcast(tmp, src=0, group=w.group)
+        buf.copy_(tmp)
+
+
 def broadcast_masks(model: nn.Module, w: World) -> None:
     """Give every rank rank 0's masks (after a pruning step that every rank ran)."""
     if not w.active:

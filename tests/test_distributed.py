@@ -46,6 +46,16 @@ def _fit_natural(process_group=None) -> tuple[nn.Module, list[dict]]:
     return net, hist.epochs
 
 
+def _fit_batchnorm(process_group=None) -> nn.Module:
+    """One natural step on the whole data set (one global batch) through a BatchNorm."""
+    torch.manual_seed(3)
+    net = nn.Sequential(saf.nn.MaskedLinear(FEATURES, 16), nn.BatchNorm1d(16), nn.ReLU(),
+                        saf.nn.MaskedLinear(16, CLASSES))
+    saf.train.fit(net, DataLoader(_data(), batch_size=N), "natural", epochs=1, lr=0.1,
+                  progress=False, process_group=process_group)
+    return net
+
+
 def _evaluate(process_group=None) -> dict:
     net = nn.Linear(FEATURES, CLASSES)  # the labelling rule, mostly: argmax of x[:3]
     with torch.no_grad():
@@ -85,7 +95,7 @@ def _job_fit(rank: int) -> dict:
     hist = saf.train.fit(ddp, loader, "pgd", epochs=2, lr=0.05, eps=0.1, steps=3,
                          progress=False, checkpoint=ckpt)
     return {"natural": net.state_dict(), "epochs": epochs, "pgd": pgd_net.state_dict(),
-            "pgd_epochs": hist.epochs}
+            "pgd_epochs": hist.epochs, "bn": _fit_batchnorm(dist.group.WORLD).state_dict()}
 
 
 def _job_evaluate(rank: int) -> dict:
@@ -162,6 +172,15 @@ def test_fit_data_parallel_matches_single_process_and_keeps_ranks_equal(tmp_path
         return [{k: v for k, v in e.items() if k != "time"} for e in epochs]
 
     assert numbers(a["pgd_epochs"]) == numbers(b["pgd_epochs"])  # summed over ranks
+    # BatchNorm statistics: each rank's shard moves its running mean; the epoch ends with
+    # their mean on every rank, which for one step over equal shards is the momentum times
+    # the full batch's mean, as in one process.
+    with backends.using("torch"):
+        ref_bn = _fit_batchnorm().state_dict()
+    for k in ("1.running_mean", "1.running_var"):
+        assert torch.equal(a["bn"][k], b["bn"][k]), f"{k} differs between ranks"
+    torch.testing.assert_close(a["bn"]["1.running_mean"], ref_bn["1.running_mean"],
+                               rtol=1e-5, atol=1e-6)
     ckpt = torch.load(tmp_path / "pgd.ckpt", weights_only=False)
     assert isinstance(ckpt["rng"], list) and len(ckpt["rng"]) == 2  # every rank's RNG
     assert ckpt["config"]["world_size"] == 2 and ckpt["config"]["batch_size"] == 16

@@ -546,6 +546,7 @@ def _train_epoch(run: _Run, epoch: int) -> _EpochStats:
     with D.together(run.world, f"the checks of epoch {epoch}"):
         _check_loss(loss_sum, run.model, epoch, h.iterations)
         _check_weights(run.model, epoch, h.iterations)
+    D.average_buffers(run.model, run.world)
     D.check_weights(run.model, run.world, f"after epoch {epoch}")
     total_loss, total_correct, total_seen = D.all_sum(
         [float(loss_sum), float(correct), float(seen)], run.world, dev)
