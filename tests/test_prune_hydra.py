@@ -62,6 +62,23 @@ def test_zero_epochs_global_prunes_layer_normalised_magnitude():
         assert torch.equal(saf.masks(out)[n], ref.get_submodule(n).weight_mask.bool()), n
 
 
+def _assert_exact_sparsity_and_frozen_rest(model, masks, before, scope, sparsity):
+    """The pruned count is exact; weights are the old ones times the mask, biases and the
+    unmasked layer untouched, and every parameter trainable again."""
+    if scope == "global":
+        n = sum(m.numel() for m in masks.values())
+        assert sum(int((~m).sum()) for m in masks.values()) == round(sparsity * n)
+    else:
+        for m in masks.values():
+            assert int((~m).sum()) == round(sparsity * m.numel())
+    for n in _LAYERS:
+        layer = model.get_submodule(n)
+        assert torch.equal(layer.weight, before[f"{n}.weight"] * masks[n])
+        assert torch.equal(layer.bias, before[f"{n}.bias"])
+    assert torch.equal(model[1].weight, before["1.weight"])
+    assert all(p.requires_grad for p in model.parameters())
+
+
 @pytest.mark.parametrize("scope", ["global", "layer"])
 def test_training_reaches_sparsity_exactly_and_freezes_everything_else(scope):
     model = _net()
@@ -70,18 +87,7 @@ def test_training_reaches_sparsity_exactly_and_freezes_everything_else(scope):
     out = saf.prune.hydra(model, 0.55, _loader(), epochs=2, lr=0.5, attack=natural, scope=scope)
     assert out is model and not model.training
     masks = saf.masks(model)
-    if scope == "global":
-        n = sum(m.numel() for m in masks.values())
-        assert sum(int((~m).sum()) for m in masks.values()) == round(0.55 * n)
-    else:
-        for m in masks.values():
-            assert int((~m).sum()) == round(0.55 * m.numel())
-    for n in _LAYERS:
-        layer = model.get_submodule(n)
-        assert torch.equal(layer.weight, before[f"{n}.weight"] * masks[n])
-        assert torch.equal(layer.bias, before[f"{n}.bias"])
-    assert torch.equal(model[1].weight, before["1.weight"])
-    assert all(p.requires_grad for p in model.parameters())
+    _assert_exact_sparsity_and_frozen_rest(model, masks, before, scope, 0.55)
 
 
 def test_attack_sees_the_current_masked_network():
@@ -300,18 +306,7 @@ def test_trades_training_reaches_sparsity_exactly(scope):
     out = saf.prune.hydra(model, 0.55, _loader(), epochs=2, lr=0.5, eps=0.1, alpha=0.05,
                           steps=2, scope=scope, loss="trades")
     masks = saf.masks(out)
-    if scope == "global":
-        n = sum(m.numel() for m in masks.values())
-        assert sum(int((~m).sum()) for m in masks.values()) == round(0.55 * n)
-    else:
-        for m in masks.values():
-            assert int((~m).sum()) == round(0.55 * m.numel())
-    for n in _LAYERS:
-        layer = model.get_submodule(n)
-        assert torch.equal(layer.weight, before[f"{n}.weight"] * masks[n])
-        assert torch.equal(layer.bias, before[f"{n}.bias"])
-    assert torch.equal(model[1].weight, before["1.weight"])
-    assert all(p.requires_grad for p in model.parameters())
+    _assert_exact_sparsity_and_frozen_rest(model, masks, before, scope, 0.55)
 
 
 def test_trades_failure_during_training_leaves_model_as_it_was(monkeypatch):

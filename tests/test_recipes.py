@@ -77,7 +77,7 @@ def test_mnist_recipe_learns_and_saves_its_resolved_config(capsys, tmp_path, fak
     assert (fit["optimizer"], fit["schedule"], fit["eps"], fit["eps_warmup"]) == (
         "adam", "cyclic", 0.3, 1.0)
     assert (fit["epochs"], fit["steps"], fit["alpha"]) == (2, 3, 0.1)  # flags beat the file
-    assert rec["seed"] == 0 and set(rec["versions"]) == {"torch", "sparse_adv_fast", "python"}
+    assert rec["seed"] == 0 and {"torch", "sparse_adv_fast", "python"} <= set(rec["versions"])
 
 
 def test_default_settings_collapse_and_are_stopped_with_advice(capsys, tmp_path, fake_mnist):

@@ -135,7 +135,7 @@ def test_outputs(tiny) -> None:
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     info = json.loads((out / "config.json").read_text())
     assert info["seeds"] == [0] and info["config"]["arms"] == list(TINY["arms"])
-    assert {"torch", "numpy", "python", "sparse-adv-fast"} <= set(info["versions"])
+    assert {"torch", "numpy", "python", "sparse_adv_fast"} <= set(info["versions"])
     assert json.loads(_text(out)) == json.loads(json.dumps(res))
 
 

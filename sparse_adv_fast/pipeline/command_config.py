@@ -113,13 +113,22 @@ COMMANDS: dict[str, type[FitOptions]] = {
 
 
 def versions() -> dict[str, str]:
-    """Versions a run's result depends on (saved with its resolved config)."""
+    """Versions a run's result depends on, saved with its resolved config (commands and
+    studies alike)."""
+    import importlib.metadata
+
     import torch
 
     from .. import __version__
 
-    return {"sparse_adv_fast": __version__, "torch": torch.__version__,
-            "python": platform.python_version()}
+    out = {"sparse_adv_fast": __version__, "torch": torch.__version__,
+           "python": platform.python_version(), "platform": platform.platform()}
+    for pkg in ("numpy", "scikit-learn", "matplotlib"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
 
 
 __all__ = ["COMMANDS", "FIT_PASSTHROUGH", "FitOptions", "IwiCommand", "PruneCommand",

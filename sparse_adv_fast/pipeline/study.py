@@ -29,11 +29,9 @@ tuning run (selected on validation, then evaluated on test once).
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import json
 import math
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -46,8 +44,10 @@ import torch
 
 from .. import distributed as D
 from ..checkpoint import write_atomic
+from ..train.fit import quiet
 from . import arms as A
 from . import runtime, stats
+from .command_config import versions
 from .lock import RunLock
 from .outputs import check_output_dir
 from .stages import StageRunner
@@ -178,14 +178,10 @@ def select(cfg: StudyConfig, val: Mapping[str, float]) -> tuple[dict[str, float]
 _WORKER: dict[str, Any] = {}
 
 
-def _quiet(_msg: str) -> None:
-    pass
-
-
 def _store(out: Path, cfg: StudyConfig, progress: bool, fresh: bool = False
            ) -> StageRunner:
     # <out>/stages/<job>.pt, plus run.json: resuming with other settings is an error.
-    return StageRunner(out, config=cfg.identity(), fresh=fresh, log=None if progress else _quiet)
+    return StageRunner(out, config=cfg.identity(), fresh=fresh, log=None if progress else quiet)
 
 
 def _threads(cfg: StudyConfig) -> int:
@@ -216,18 +212,6 @@ def _run_job(job: Job) -> dict[str, Any]:
 
 def _summary(result: Any) -> dict[str, Any]:
     return result.get("summary", {}) if isinstance(result, dict) else {}
-
-
-def versions() -> dict[str, str]:
-    """Library versions recorded with every study."""
-    out = {"python": sys.version.split()[0], "platform": platform.platform(),
-           "torch": torch.__version__}
-    for pkg in ("sparse-adv-fast", "numpy", "scikit-learn", "matplotlib"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
 
 
 def budget_plan(cfg: StudyConfig, steps_per_epoch: int) -> dict[str, Any]:

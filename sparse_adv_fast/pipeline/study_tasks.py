@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from ..train.fit import quiet
 from . import arms as A
 from . import modelio
 from .stages import fit_stage, seed_stage, stage_seed
@@ -131,16 +132,12 @@ def _train(ctx: Ctx, model: nn.Module, *, seed: int, owner: str, phase: str, epo
         checkpoint=ctx.scratch(phase), where=f"study job {ctx.key}", method=method,
         epochs=epochs, lr=lr, momentum=c.momentum, weight_decay=c.weight_decay,
         schedule=schedule, eps=c.resolved_eps, steps=c.train_steps, co_check=False,
-        progress=False, val_batches=1, log=_quiet,
+        progress=False, val_batches=1, log=quiet,
     )
     ledger.append({"phase": f"{owner}: {phase}", "steps": int(hist.iterations),
                    "epochs": epochs, "lr": lr, "method": method,
                    "lrs": [float(e["lr"]) for e in hist.epochs],
                    "val_pgd_acc": [e["val_pgd_acc"] for e in hist.epochs]})
-
-
-def _quiet(_msg: str) -> None:
-    pass
 
 
 def _evaluate(ctx: Ctx, model: nn.Module, loader: Any, attacks: tuple[str, ...],

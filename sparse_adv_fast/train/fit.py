@@ -313,7 +313,7 @@ def _build(model: nn.Module, loaders: Any, cfg: TrainConfig, checkpoint: Any,
     train_loader, val_loader = _split_loaders(loaders, cfg.val_on_test)
     if train_loader is None:
         raise ValueError("fit: the train loader is None")
-    emit = _emitter(log) if world.main else _quiet
+    emit = _emitter(log) if world.main else quiet
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("fit: the model has no trainable parameters")
@@ -656,8 +656,8 @@ def _check_weights(model: nn.Module, epoch: int, iteration: int) -> None:
                         f"{iteration}); {_ADVICE}")
 
 
-def _quiet(_msg: str) -> None:
-    pass
+def quiet(_msg: str) -> None:
+    """A ``log`` callback that discards every message."""
 
 
 def _fmt(r: dict[str, Any]) -> str:
