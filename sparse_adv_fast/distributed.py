@@ -375,10 +375,53 @@ def shard_loader(loader: Any, w: World, *, seed: int, what: str) -> Any:
                                  shuffle=isinstance(loader.sampler, RandomSampler),
                                  seed=seed, drop_last=loader.drop_last)
     return DataLoader(loader.dataset, batch_size=batch // w.size, sampler=sampler,
-                      num_workers=loader.num_workers, collate_fn=loader.collate_fn,
-                      pin_memory=loader.pin_memory, drop_last=loader.drop_last,
-                      generator=loader.generator, worker_init_fn=loader.worker_init_fn,
-                      persistent_workers=loader.persistent_workers)
+                      drop_last=loader.drop_last, **_loading(loader))
+
+
+def _loading(loader: Any) -> dict[str, Any]:
+    """How ``loader`` loads (workers, collation, pinning), for a loader over its dataset
+    that samples differently."""
+    return {"num_workers": loader.num_workers, "collate_fn": loader.collate_fn,
+            "pin_memory": loader.pin_memory, "generator": loader.generator,
+            "worker_init_fn": loader.worker_init_fn,
+            "persistent_workers": loader.persistent_workers}
+
+
+def rank_batches(loader: Any, w: World, limit: int | None = None
+                 ) -> Iterator[tuple[int, Any]]:
+    """``(i, batch)`` for this rank's batches of ``loader``: ``i % size == rank`` and
+    ``i < limit``, in order (every batch in a single process).
+
+    A map-style ``DataLoader`` in sequential order (an evaluation loader) is re-batched
+    over the same index lists, so each rank loads only its own batches. Any other
+    iterable is read in full on every rank and the other ranks' batches are skipped,
+    since only that keeps its order the same everywhere.
+    """
+    own = _own_batches(loader, w, limit)
+    if own is not None:
+        yield from own
+        return
+    for i, item in enumerate(loader):
+        if limit is not None and i >= limit:
+            break
+        if i % w.size == w.rank:
+            yield i, item
+
+
+def _own_batches(loader: Any, w: World, limit: int | None
+                 ) -> Iterator[tuple[int, Any]] | None:
+    from torch.utils.data import BatchSampler, DataLoader, IterableDataset, SequentialSampler
+
+    if not (w.active and isinstance(loader, DataLoader)
+            and not isinstance(loader.dataset, IterableDataset)
+            and type(loader.batch_sampler) is BatchSampler
+            and type(loader.batch_sampler.sampler) is SequentialSampler):
+        return None
+    batches = list(loader.batch_sampler)[:limit]
+    ids = list(range(w.rank, len(batches), w.size))
+    mine = DataLoader(loader.dataset, batch_sampler=[batches[i] for i in ids],
+                      **_loading(loader))
+    return zip(ids, mine, strict=True)
 
 
 def set_epoch(loader: Any, epoch: int) -> None:

@@ -63,9 +63,25 @@ def _evaluate(process_group=None) -> dict:
         net.weight[:, :CLASSES] = 5 * torch.eye(CLASSES)
         net.bias.zero_()
     # 45 samples in batches of 10: 5 batches, the last one short; rank 0 gets 3, rank 1 2.
-    loader = DataLoader(_data(45, seed=3), batch_size=10, shuffle=False)
-    return saf.train.evaluate(net, loader, attacks=("pgd5x2", "fgsm", "apgd-ce"), eps=0.05,
-                              seed=7, process_group=process_group)
+    data = _Reads(_data(45, seed=3))
+    loader = DataLoader(data, batch_size=10, shuffle=False)
+    out = saf.train.evaluate(net, loader, attacks=("pgd5x2", "fgsm", "apgd-ce"), eps=0.05,
+                             seed=7, process_group=process_group)
+    return out, sorted(data.read)
+
+
+class _Reads(torch.utils.data.Dataset):
+    """A dataset that remembers which samples were loaded."""
+
+    def __init__(self, data: TensorDataset) -> None:
+        self.data, self.read = data, []
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        self.read.append(i)
+        return self.data[i]
 
 
 # ---- the 2-process side -------------------------------------------------------------------
@@ -99,7 +115,8 @@ def _job_fit(rank: int) -> dict:
 
 
 def _job_evaluate(rank: int) -> dict:
-    return {"result": _evaluate(dist.group.WORLD)}
+    result, read = _evaluate(dist.group.WORLD)
+    return {"result": result, "read": read}
 
 
 def _job_fail(rank: int) -> dict:
@@ -190,10 +207,13 @@ def test_fit_data_parallel_matches_single_process_and_keeps_ranks_equal(tmp_path
 def test_evaluate_sharded_equals_single_process(tmp_path):
     ranks = _spawn(tmp_path, "evaluate")
     with backends.using("torch"):
-        ref = _evaluate()
-    assert ref["n"] == 45
+        ref, read = _evaluate()
+    assert ref["n"] == 45 and read == list(range(45))
     for res in ranks:
         assert res["result"] == ref
+    # Each rank loads its own batches only: rank 0 batches 0, 2, 4; rank 1 batches 1, 3.
+    assert ranks[0]["read"] == [*range(0, 10), *range(20, 30), *range(40, 45)]
+    assert ranks[1]["read"] == [*range(10, 20), *range(30, 40)]
     assert 0 < ref["worst_case"] < ref["clean"]  # the attacks did something to compare
 
 

@@ -157,19 +157,15 @@ def _run(model: nn.Module, loader: Iterable, atks: dict[str, AttackFn], device: 
     """This rank's batches: per batch its index and per-sample outcomes (clean, each
     attack, worst case) and the AutoAttack tallies."""
     records = []
-    it = iter(loader)
+    it = D.rank_batches(loader, world, max_batches)
     if progress:
         from tqdm.auto import tqdm
 
-        it = iter(tqdm(loader, total=max_batches, desc="evaluate"))
+        it = tqdm(it, desc="evaluate")
     rng = (torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
            if seed is not None else contextlib.nullcontext())
     with H.attack_mode(model), rng:
-        for i, item in enumerate(it):
-            if max_batches is not None and i >= max_batches:
-                break
-            if i % world.size != world.rank:
-                continue
+        for i, item in it:
             if seed is not None:
                 torch.manual_seed(derive_seed(seed, i))
             records.append(_batch_outcomes(model, atks, *_batch(item, device), index=i))
