@@ -298,17 +298,27 @@ class _Auto:
         _, impl = resolve(self.op, self.device)  # auto mode: the static rule
         return getattr(impl if impl is not None else self.reference, direction)
 
+    @staticmethod
+    def _fast_key(direction: str, call: Call) -> tuple:
+        mask = call.mask
+        return (direction, call.shape, call.dtype, torch.get_num_threads(), _scope(call.weight),
+                None if mask is None else (id(mask), mask._version))
+
+    def remembered(self, direction: str, args: tuple) -> Callable[..., Any] | None:
+        """The implementation already picked for a call like ``args``, or None when no
+        such call has been made yet (nothing is measured here)."""
+        return self._fast.get(self._fast_key(direction, self.describe(direction, args)))
+
     def pick(self, direction: str, args: tuple) -> Callable[..., Any]:
         """The implementation of ``direction`` for a call with ``args``."""
         if not _autotune.enabled():
             return self._static(direction)
         call = self.describe(direction, args)
-        mask, scope = call.mask, _scope(call.weight)
-        fast = (direction, call.shape, call.dtype, torch.get_num_threads(), scope,
-                None if mask is None else (id(mask), mask._version))
+        fast = self._fast_key(direction, call)
         fn = self._fast.get(fast)
         if fn is not None:
             return fn
+        mask, scope = call.mask, _scope(call.weight)
         if call.shape and call.shape[0] == 0:  # nothing to time, and every kernel's edge case
             return getattr(self.reference, direction)
         density = None if mask is None or mask.numel() == 0 else _density(mask)
@@ -373,6 +383,17 @@ def impl(op: str, device: torch.device, reference: Any, describe: Describe) -> A
     if hit is None or hit.reference is not reference:
         hit = _autos[key] = _Auto(op, device, reference, describe)
     return hit
+
+
+def reference_picked(ns: Any, reference: Any, calls: list[tuple[str, tuple]]) -> bool:
+    """Whether the op namespace ``ns`` (from :func:`impl`) runs the torch ``reference`` for
+    every ``(direction, args)`` in ``calls``: forced to ``torch``, or in ``auto`` mode with
+    that choice already made for such calls."""
+    if ns is reference:
+        return True
+    if not isinstance(ns, _Auto):
+        return False
+    return all(ns.remembered(d, args) is getattr(reference, d) for d, args in calls)
 
 
 def choices() -> dict[str, dict]:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backends
-from . import _cache
+from . import _cache, _direct
 from ._checks import check_masked_weight
 from ._outputs import fresh
 
@@ -133,4 +133,8 @@ def masked_linear(x: Tensor, w: Tensor, mask: Tensor, b: Tensor | None = None) -
     ``x``, ``w`` and ``b`` (``grad_w`` is exactly zero where ``mask`` is False).
     """
     check_masked_weight(x, w, mask, b, in_dim=-1, w_in_dim=1, op=OP)
+    # 2-D inputs only: the reference runs on the flattened rows, and so does F.linear there.
+    if x.dim() == 2 and _direct.frozen_weights(w, b) and _direct.reference_path(
+            _impl(x.device), _REF, x, (x, w, mask, b), (x, w, mask)):
+        return forward(x, w, mask, b)  # aten's autograd: the reference's grad_input
     return _op(x, w, mask, b)
