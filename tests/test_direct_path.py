@@ -131,9 +131,11 @@ def test_auto_takes_the_shortcut_only_after_choosing_the_reference(monkeypatch, 
             torch.testing.assert_close(out, formula(layer, x))
     if sparse_wins:  # the chosen kernel keeps running, through the op, every time
         assert calls[0] == 3
-        assert fake.ran.count("forward") == 3 and fake.ran.count("grad_input") == 3
-    else:  # the first call measures through the op; later ones skip it
-        assert calls[0] == 1 and fake.ran == []
+        assert fake.ran.count("forward") >= 3 and fake.ran.count("grad_input") >= 3
+    else:  # the first call measures through the op (the candidate checked once); later
+        # ones skip it
+        assert calls[0] == 1
+        assert fake.ran.count("forward") <= 1 and fake.ran.count("grad_input") <= 1
 
 
 def test_nd_linear_inputs_keep_the_op(monkeypatch):
