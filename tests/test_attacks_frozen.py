@@ -85,8 +85,8 @@ def test_off_training_mode_and_cuda_only_inputs_stay_eager():
 
 
 class _Liar(nn.Module):
-    """Eager logits say class 0; the traced graph (tensor ops only) says class 1, the way a
-    graph that lost a Python-side branch would."""
+    """Always class 0 for the eager model; the test hands square a graph that claims
+    class 1, the way a graph that lost a Python-side branch would."""
 
     def __init__(self) -> None:
         super().__init__()
