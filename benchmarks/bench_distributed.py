@@ -66,13 +66,13 @@ def _loader() -> DataLoader:
     return DataLoader(data, batch_size=BATCH, shuffle=False)
 
 
-def _at_epoch(group) -> None:
-    saf.train.fit(_model(), _loader(), "pgd", epochs=1, lr=0.01, eps=EPS, steps=7,
+def _at_epoch(model, loader, group) -> None:
+    saf.train.fit(model, loader, "pgd", epochs=1, lr=0.01, eps=EPS, steps=7,
                   progress=False, process_group=group)
 
 
-def _evaluate(group) -> None:
-    saf.train.evaluate(_model(), _loader(), attacks=("pgd10",), eps=EPS, seed=0,
+def _evaluate(model, loader, group) -> None:
+    saf.train.evaluate(model, loader, attacks=("pgd10",), eps=EPS, seed=0,
                        process_group=group)
 
 
@@ -89,9 +89,10 @@ def _rank(rank: int, world: int, store: str, out: str, task: str) -> None:
     try:
         times = []
         for i in range(ROUNDS + 1):  # the first round warms caches and dispatch
+            model, loader = _model(), _loader()  # the same start every round, not timed
             dist.barrier()
             t = time.perf_counter()
-            TASKS[task](dist.group.WORLD)
+            TASKS[task](model, loader, dist.group.WORLD)
             dist.barrier()
             if i:
                 times.append(time.perf_counter() - t)

@@ -322,13 +322,16 @@ def average_buffers(model: nn.Module, w: World) -> None:
 
     stats = [b for m in model.modules() if isinstance(m, _BatchNorm)
              for b in (m.running_mean, m.running_var) if b is not None]
-    for buf in stats:
-        tmp = buf.detach().to(_device(w), copy=True)
-        dist.all_reduce(tmp, group=w.group)
-        tmp /= w.size
-        # The reduction order may differ per rank in some backends: rank 0's result wins.
-        dist.broadcast(tmp, src=0, group=w.group)
-        buf.copy_(tmp)
+    if not stats:
+        return
+    # One flat tensor: two collectives per epoch, not two per buffer.
+    flat = torch.cat([b.detach().reshape(-1).to(_device(w), torch.float64) for b in stats])
+    dist.all_reduce(flat, group=w.group)
+    flat /= w.size
+    # The reduction order may differ per rank in some backends: rank 0's result wins.
+    dist.broadcast(flat, src=0, group=w.group)
+    for buf, part in zip(stats, flat.split([b.numel() for b in stats]), strict=True):
+        buf.copy_(part.reshape(buf.shape))
 
 
 def broadcast_masks(model: nn.Module, w: World) -> None:
