@@ -17,10 +17,12 @@ template <typename T, typename I>
 void conv_forward(const Geom&, const T*, const int64_t*, const I*, const T*, const T*,
                   T*);
 template <typename T, typename I>
-void conv_forward_s1(const Geom&, const T*, int64_t, int64_t, const int64_t*, const I*,
-                     const T*, const T*, T*);
+void conv_forward_s1(const Geom&, const T*, const int64_t*, const I*, const T*, const T*,
+                     T*);
 template <typename T, typename I>
 void conv_grad_input(const Geom&, const T*, const int64_t*, const I*, const T*, T*);
+template <typename T, typename I>
+void conv_grad_input_s1(const Geom&, const T*, const int64_t*, const I*, const T*, T*);
 template <typename T, typename I>
 void conv_grad_weight(const Geom&, const T*, const T*, const int64_t*, const I*, T*);
 }  // namespace saf_mc
@@ -55,11 +57,10 @@ at::Tensor conv_forward(const at::Tensor& x_in, const at::Tensor& rowptr, const 
   at::Tensor b;
   if (bias.has_value() && bias->defined()) b = bias->contiguous();
   at::Tensor y = at::empty({g.N, g.OC, g.OH, g.OW}, x.options());
-  if (g.sw == 1) {  // register-blocked kernel over a zero-padded copy of x
-    at::Tensor xp = at::constant_pad_nd(x, {g.pw, g.pw, g.ph, g.ph}, 0).contiguous();
+  if (g.sh == 1 && g.sw == 1) {  // register-blocked kernel over padded image copies
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "saf_conv_forward_s1", [&] {
       saf_common::with_col(col, [&](auto* c) {
-        saf_mc::conv_forward_s1<scalar_t>(g, xp.data_ptr<scalar_t>(), xp.size(2), xp.size(3),
+        saf_mc::conv_forward_s1<scalar_t>(g, x.data_ptr<scalar_t>(),
                                           rowptr.data_ptr<int64_t>(), c,
                                           val.data_ptr<scalar_t>(),
                                           b.defined() ? b.data_ptr<scalar_t>() : nullptr,
@@ -94,6 +95,29 @@ at::Tensor conv_grad_input(const at::Tensor& gy_in, IntList x_shape, const at::T
       saf_mc::conv_grad_input<scalar_t>(g, gy.data_ptr<scalar_t>(),
                                         rowptrT.data_ptr<int64_t>(), c,
                                         valT.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>());
+    });
+  });
+  return gx;
+}
+
+// Stride-1 input gradient over the forward CSR (rows = output channels), see the kernel.
+at::Tensor conv_grad_input_s1(const at::Tensor& gy_in, IntList x_shape, const at::Tensor& rowptr,
+                              const at::Tensor& col, const at::Tensor& val, IntList w_shape,
+                              IntList padding, IntList dilation, int64_t groups) {
+  at::Tensor gy = gy_in.contiguous();
+  auto g = geom(x_shape, w_shape, {1, 1}, padding, dilation, groups);
+  TORCH_CHECK(gy.dim() == 4 && gy.size(0) == g.N && gy.size(1) == g.OC && gy.size(2) == g.OH &&
+                  gy.size(3) == g.OW,
+              "masked_conv2d cpp: grad_output shape does not match the convolution");
+  TORCH_CHECK(g.dh * (g.KH - 1) >= g.ph && g.dw * (g.KW - 1) >= g.pw,
+              "masked_conv2d cpp: padding larger than the dilated kernel");
+  saf_common::check_csr(rowptr, col, g.OC, "masked_conv2d");
+  at::Tensor gx = at::empty({g.N, g.C, g.H, g.W}, gy.options());
+  AT_DISPATCH_FLOATING_TYPES(gy.scalar_type(), "saf_conv_grad_input_s1", [&] {
+    saf_common::with_col(col, [&](auto* c) {
+      saf_mc::conv_grad_input_s1<scalar_t>(g, gy.data_ptr<scalar_t>(),
+                                           rowptr.data_ptr<int64_t>(), c,
+                                           val.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>());
     });
   });
   return gx;
@@ -213,6 +237,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("gy"), py::arg("x_shape"), py::arg("rowptr_t"), py::arg("col_t"),
         py::arg("val_t"), py::arg("w_shape"), py::arg("stride"), py::arg("padding"),
         py::arg("dilation"), py::arg("groups"));
+  m.def("conv_grad_input_s1", &conv_grad_input_s1,
+        "stride-1 direct sparse conv grad_input over the forward CSR (CPU)", py::arg("gy"),
+        py::arg("x_shape"), py::arg("rowptr"), py::arg("col"), py::arg("val"),
+        py::arg("w_shape"), py::arg("padding"), py::arg("dilation"), py::arg("groups"));
   m.def("conv_grad_weight", &conv_grad_weight, "sparse conv grad_weight, kept entries (CPU)",
         py::arg("gy"), py::arg("x"), py::arg("rowptr"), py::arg("col"), py::arg("w_shape"),
         py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("groups"));

@@ -60,69 +60,272 @@ void conv_forward(const Geom& g, const T* x, const int64_t* rowptr, const I* col
   }
 }
 
-// Stride-1 (along W) forward on a zero-padded input (N, C, Hp, Wp): every tap of every
-// output row is in bounds, so an output row segment is accumulated in vector registers over
-// all kept taps of its channel and stored once (no read-modify-write of y per tap).
-template <typename T, typename I>
-void conv_forward_s1(const Geom& g, const T* xpad, int64_t Hp, int64_t Wp,
-                     const int64_t* rowptr, const I* col, const T* val, const T* bias,
-                     T* y) {
-  typedef T V __attribute__((vector_size(32)));
-  constexpr int VL = 32 / sizeof(T), NV = 4;
-  const int64_t Cg = g.C / g.G, OCg = g.OC / g.G, KK = g.KH * g.KW, P = g.OH * g.OW;
-#pragma omp parallel
-  {
-    std::vector<int64_t> off;
-#pragma omp for collapse(2) schedule(dynamic, 1)
-    for (int64_t n = 0; n < g.N; ++n) {
-      for (int64_t oc = 0; oc < g.OC; ++oc) {
-        const int64_t k0 = rowptr[oc], nk = rowptr[oc + 1] - k0;
-        const T* vals = val + k0;
-        off.resize(static_cast<size_t>(nk));
-        for (int64_t k = 0; k < nk; ++k) {
-          const int64_t code = col[k0 + k], cl = code / KK, kk = code % KK;
-          off[k] = (cl * Hp + (kk / g.KW) * g.dh) * Wp + (kk % g.KW) * g.dw;
-        }
-        const T* xb = xpad + (n * g.C + (oc / OCg) * Cg) * Hp * Wp;
-        T* yp = y + (n * g.OC + oc) * P;
-        const T b0 = bias ? bias[oc] : T(0);
-        for (int64_t oh = 0; oh < g.OH; ++oh) {
-          const T* xr = xb + oh * g.sh * Wp;
-          T* yr = yp + oh * g.OW;
-          int64_t ow = 0;
-          for (; ow + NV * VL <= g.OW; ow += NV * VL) {
-            V acc[NV];
-            for (int q = 0; q < NV; ++q) acc[q] = V{} + b0;
-            for (int64_t k = 0; k < nk; ++k) {
-              const T* p = xr + off[k] + ow;
-              const T v = vals[k];
-#pragma GCC unroll 4
-              for (int q = 0; q < NV; ++q) {
-                V xv;
-                __builtin_memcpy(&xv, p + q * VL, sizeof(V));
-                acc[q] += v * xv;
-              }
-            }
-            __builtin_memcpy(yr + ow, acc, sizeof(acc));
-          }
-          for (; ow + VL <= g.OW; ow += VL) {
-            V acc = V{} + b0;
-            for (int64_t k = 0; k < nk; ++k) {
-              V xv;
-              __builtin_memcpy(&xv, xr + off[k] + ow, sizeof(V));
-              acc += vals[k] * xv;
-            }
-            __builtin_memcpy(yr + ow, &acc, sizeof(V));
-          }
-          for (; ow < g.OW; ++ow) {
-            T a = b0;
-            for (int64_t k = 0; k < nk; ++k) a += vals[k] * xr[off[k] + ow];
-            yr[ow] = a;
-          }
-        }
+// Stride-1 forward as a 1-D convolution over each zero-padded input plane, flattened: output
+// pixel (oh, ow) sits at flat position oh*Wp + ow of the padded grid, and tap (cl, ky, kx)
+// reads the padded input at that position plus a fixed offset. A tile of up to kMaxNV
+// vectors of flat positions is accumulated in registers over all kept taps of a channel and
+// stored once; positions in the padding columns (ow >= OW) are computed and dropped. This
+// keeps small planes (8x8, 4x4) vectorised where a per-row loop would not be, and each
+// image is padded into a per-thread buffer that stays cache-resident (no full padded copy).
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+#else
+constexpr int kVecBytes = 32;
+#endif
+constexpr int kMaxNV = 8;
+
+template <typename T, int NV>
+inline void flat_tile(const T* xb, const int32_t* off, const T* vals, int64_t nk, T b0,
+                      T* out) {
+  typedef T V __attribute__((vector_size(kVecBytes)));
+  constexpr int VL = kVecBytes / sizeof(T);
+  V acc[NV];
+  for (int q = 0; q < NV; ++q) acc[q] = V{} + b0;
+  for (int64_t k = 0; k < nk; ++k) {
+    const T* p = xb + off[k];
+    const T v = vals[k];
+#pragma GCC unroll 8
+    for (int q = 0; q < NV; ++q) {
+      V xv;
+      __builtin_memcpy(&xv, p + q * VL, sizeof(V));
+      acc[q] += v * xv;
+    }
+  }
+  __builtin_memcpy(out, acc, sizeof(acc));
+}
+
+template <typename T>
+inline void flat_tile_n(int nv, const T* xb, const int32_t* off, const T* vals, int64_t nk,
+                        T b0, T* out) {
+  switch (nv) {
+    case 1: return flat_tile<T, 1>(xb, off, vals, nk, b0, out);
+    case 2: return flat_tile<T, 2>(xb, off, vals, nk, b0, out);
+    case 3: return flat_tile<T, 3>(xb, off, vals, nk, b0, out);
+    case 4: return flat_tile<T, 4>(xb, off, vals, nk, b0, out);
+    case 5: return flat_tile<T, 5>(xb, off, vals, nk, b0, out);
+    case 6: return flat_tile<T, 6>(xb, off, vals, nk, b0, out);
+    case 7: return flat_tile<T, 7>(xb, off, vals, nk, b0, out);
+    default: return flat_tile<T, 8>(xb, off, vals, nk, b0, out);
+  }
+}
+
+// Row tiles, for output rows a whole number of vectors wide: NR output rows x NCV vectors of
+// one channel accumulate in registers over its kept taps and are stored straight into y
+// (no padding columns computed, no staging copy).
+template <typename T, int VB, int NCV, int NR>
+inline void rows_tile(const T* xb, int64_t Wp, const int32_t* off, const T* vals, int64_t nk,
+                      T b0, T* yb, int64_t OW) {
+  typedef T V __attribute__((vector_size(VB)));
+  constexpr int VL = VB / sizeof(T);
+  V acc[NR][NCV];
+  for (int r = 0; r < NR; ++r)
+    for (int j = 0; j < NCV; ++j) acc[r][j] = V{} + b0;
+  for (int64_t k = 0; k < nk; ++k) {
+    const T* p = xb + off[k];
+    const T v = vals[k];
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) {
+#pragma GCC unroll 8
+      for (int j = 0; j < NCV; ++j) {
+        V xv;
+        __builtin_memcpy(&xv, p + r * Wp + j * VL, sizeof(V));
+        acc[r][j] += v * xv;
       }
     }
   }
+  for (int r = 0; r < NR; ++r)
+    for (int j = 0; j < NCV; ++j) __builtin_memcpy(yb + r * OW + j * VL, &acc[r][j], sizeof(V));
+}
+
+template <typename T, int VB, int NCV, int NR = 8 / NCV>
+inline void rows_tile_n(int nr, const T* xb, int64_t Wp, const int32_t* off, const T* vals,
+                        int64_t nk, T b0, T* yb, int64_t OW) {
+  if constexpr (NR > 1) {
+    if (nr < NR) return rows_tile_n<T, VB, NCV, NR - 1>(nr, xb, Wp, off, vals, nk, b0, yb, OW);
+  }
+  rows_tile<T, VB, NCV, NR>(xb, Wp, off, vals, nk, b0, yb, OW);
+}
+
+template <typename T>
+struct FlatPlan {
+  int64_t Hp, Wp, plane, Lf, VL, tile;
+  std::vector<int32_t> off;  // per stored weight: its input offset within the padded image
+};
+
+template <typename T, typename I>
+FlatPlan<T> flat_plan(const Geom& g, const int64_t* rowptr, const I* col) {
+  FlatPlan<T> f;
+  f.Hp = g.H + 2 * g.ph;
+  f.Wp = g.W + 2 * g.pw;
+  f.plane = f.Hp * f.Wp;
+  f.Lf = (g.OH - 1) * f.Wp + g.OW;
+  f.VL = kVecBytes / sizeof(T);
+  f.tile = kMaxNV * f.VL;
+  const int64_t KK = g.KH * g.KW, nnz = rowptr[g.OC];
+  f.off.resize(static_cast<size_t>(nnz));
+  for (int64_t k = 0; k < nnz; ++k) {
+    const int64_t code = col[k], cl = code / KK, kk = code % KK;
+    f.off[k] = static_cast<int32_t>((cl * f.Hp + (kk / g.KW) * g.dh) * f.Wp + (kk % g.KW) * g.dw);
+  }
+  return f;
+}
+
+// Copies image n of x into the interior of buf (Cimg planes of Hp x Wp whose borders are
+// already zero).
+template <typename T>
+inline void pad_image(const Geom& g, const FlatPlan<T>& f, const T* x, int64_t n, T* buf) {
+  const T* xi = x + n * g.C * g.H * g.W;
+  for (int64_t c = 0; c < g.C; ++c)
+    for (int64_t h = 0; h < g.H; ++h) {
+      const T* src = xi + (c * g.H + h) * g.W;
+      T* dst = buf + c * f.plane + (h + g.ph) * f.Wp + g.pw;
+#pragma omp simd
+      for (int64_t w = 0; w < g.W; ++w) dst[w] = src[w];
+    }
+}
+
+// Output channels [oc0, oc1) of image n by row tiles of VB-byte vectors (OW % (VB /
+// sizeof(T)) == 0), NCV vectors across.
+template <typename T, int VB, int NCV>
+void rows_image(const Geom& g, const FlatPlan<T>& f, const T* buf, int64_t n, int64_t oc0,
+                int64_t oc1, const int64_t* rowptr, const T* val, const T* bias, T* y) {
+  constexpr int VL = VB / sizeof(T), NR = 8 / NCV;
+  const int64_t Cg = g.C / g.G, OCg = g.OC / g.G, P = g.OH * g.OW;
+  for (int64_t r0 = 0; r0 < g.OH; r0 += NR) {
+    const int nr = static_cast<int>(std::min<int64_t>(NR, g.OH - r0));
+    for (int64_t c0 = 0; c0 < g.OW; c0 += NCV * VL) {
+      for (int64_t oc = oc0; oc < oc1; ++oc) {
+        const int64_t k0 = rowptr[oc];
+        const T* xb = buf + (oc / OCg) * Cg * f.plane + r0 * f.Wp + c0;
+        rows_tile_n<T, VB, NCV>(nr, xb, f.Wp, f.off.data() + k0, val + k0, rowptr[oc + 1] - k0,
+                                bias ? bias[oc] : T(0), y + (n * g.OC + oc) * P + r0 * g.OW + c0,
+                                g.OW);
+      }
+    }
+  }
+}
+
+// Output channels [oc0, oc1) of image n from its padded copy buf, by flat tiles (any OW).
+template <typename T>
+void flat_image(const Geom& g, const FlatPlan<T>& f, const T* buf, int64_t n, int64_t oc0,
+                int64_t oc1, const int64_t* rowptr, const T* val, const T* bias, T* y) {
+  const int64_t Cg = g.C / g.G, OCg = g.OC / g.G, P = g.OH * g.OW;
+  alignas(64) T out[kMaxNV * 64 / sizeof(T)];
+  for (int64_t t0 = 0; t0 < f.Lf; t0 += f.tile) {
+    const int64_t len = std::min<int64_t>(f.tile, f.Lf - t0);
+    const int nv = static_cast<int>((len + f.VL - 1) / f.VL);
+    const int64_t r0 = t0 / f.Wp, r1 = (t0 + len - 1) / f.Wp;
+    for (int64_t oc = oc0; oc < oc1; ++oc) {
+      const int64_t k0 = rowptr[oc];
+      const T* xb = buf + (oc / OCg) * Cg * f.plane + t0;
+      flat_tile_n<T>(nv, xb, f.off.data() + k0, val + k0, rowptr[oc + 1] - k0,
+                     bias ? bias[oc] : T(0), out);
+      T* yp = y + (n * g.OC + oc) * P;
+      for (int64_t r = r0; r <= r1; ++r) {
+        const int64_t a = std::max<int64_t>(r * f.Wp, t0);
+        const int64_t b = std::min<int64_t>(r * f.Wp + g.OW, t0 + len);
+        for (int64_t i = a; i < b; ++i) yp[r * g.OW + (i - r * f.Wp)] = out[i - t0];
+      }
+    }
+  }
+}
+
+// Vectors across one row tile: the largest power of two up to 8 dividing OW / VL.
+inline int row_vectors(int64_t OW, int64_t VL) {
+  if (OW % VL != 0) return 0;
+  const int64_t m = OW / VL;
+  return m % 8 == 0 ? 8 : m % 4 == 0 ? 4 : m % 2 == 0 ? 2 : 1;
+}
+
+template <typename T, int VB>
+bool rows_dispatch(int ncv, const Geom& g, const FlatPlan<T>& f, const T* buf, int64_t n,
+                   int64_t oc0, int64_t oc1, const int64_t* rowptr, const T* val, const T* bias,
+                   T* y) {
+  switch (ncv) {
+    case 1: rows_image<T, VB, 1>(g, f, buf, n, oc0, oc1, rowptr, val, bias, y); return true;
+    case 2: rows_image<T, VB, 2>(g, f, buf, n, oc0, oc1, rowptr, val, bias, y); return true;
+    case 4: rows_image<T, VB, 4>(g, f, buf, n, oc0, oc1, rowptr, val, bias, y); return true;
+    case 8: rows_image<T, VB, 8>(g, f, buf, n, oc0, oc1, rowptr, val, bias, y); return true;
+    default: return false;
+  }
+}
+
+// Row tiles of full vectors where OW allows (half-width vectors next), else flat tiles.
+template <typename T>
+void image_conv(const Geom& g, const FlatPlan<T>& f, const T* buf, int64_t n, int64_t oc0,
+                int64_t oc1, const int64_t* rowptr, const T* val, const T* bias, T* y) {
+  constexpr int64_t VL = kVecBytes / sizeof(T);
+  if (rows_dispatch<T, kVecBytes>(row_vectors(g.OW, VL), g, f, buf, n, oc0, oc1, rowptr, val,
+                                  bias, y))
+    return;
+  if constexpr (kVecBytes > 32) {
+    if (rows_dispatch<T, 32>(row_vectors(g.OW, 32 / sizeof(T)), g, f, buf, n, oc0, oc1, rowptr,
+                             val, bias, y))
+      return;
+  }
+  flat_image(g, f, buf, n, oc0, oc1, rowptr, val, bias, y);
+}
+
+template <typename T, typename I>
+void conv_forward_s1(const Geom& g, const T* x, const int64_t* rowptr, const I* col,
+                     const T* val, const T* bias, T* y) {
+  const FlatPlan<T> f = flat_plan<T>(g, rowptr, col);
+  // A tile may read up to one tile past the last plane: the slack keeps that in bounds.
+  const size_t buflen = static_cast<size_t>(g.C * f.plane + f.tile);
+  const int nt = omp_get_max_threads();
+  if (g.N >= nt) {  // one image per task, padded into the thread's own buffer
+#pragma omp parallel
+    {
+      std::vector<T> buf(buflen, T(0));
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t n = 0; n < g.N; ++n) {
+        pad_image(g, f, x, n, buf.data());
+        image_conv(g, f, buf.data(), n, 0, g.OC, rowptr, val, bias, y);
+      }
+    }
+    return;
+  }
+  std::vector<T> buf(buflen, T(0));  // fewer images than threads: split the channels
+  const int64_t chunk = std::max<int64_t>(1, (g.OC + 4 * nt - 1) / (4 * nt));
+  for (int64_t n = 0; n < g.N; ++n) {
+    pad_image(g, f, x, n, buf.data());
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t oc0 = 0; oc0 < g.OC; oc0 += chunk)
+      image_conv(g, f, buf.data(), n, oc0, std::min(g.OC, oc0 + chunk), rowptr, val, bias, y);
+  }
+}
+
+// Stride-1 input gradient from the forward CSR: the gradient is a plain convolution of gy
+// with the transposed, tap-flipped weight and padding d*(k-1)-p. That CSR (rows = input
+// channels) is rebuilt here per call by a counting sort, O(nnz), so no transposed copy of
+// the weight is cached between calls. Entries of a row come out sorted by their code.
+template <typename T, typename I>
+void conv_grad_input_s1(const Geom& g, const T* gy, const int64_t* rowptr, const I* col,
+                        const T* val, T* gx) {
+  const int64_t Cg = g.C / g.G, OCg = g.OC / g.G, KK = g.KH * g.KW, nnz = rowptr[g.OC];
+  std::vector<int64_t> rpT(static_cast<size_t>(g.C + 1), 0);
+  for (int64_t oc = 0; oc < g.OC; ++oc)
+    for (int64_t k = rowptr[oc]; k < rowptr[oc + 1]; ++k)
+      ++rpT[(oc / OCg) * Cg + col[k] / KK + 1];
+  for (int64_t c = 0; c < g.C; ++c) rpT[c + 1] += rpT[c];
+  std::vector<int64_t> fill(rpT.begin(), rpT.end() - 1);
+  std::vector<int32_t> colT(static_cast<size_t>(nnz));
+  std::vector<T> valT(static_cast<size_t>(nnz));
+  for (int64_t oc = 0; oc < g.OC; ++oc) {
+    // Reverse order within the row: for one input channel the flipped tap codes then rise.
+    for (int64_t k = rowptr[oc + 1] - 1; k >= rowptr[oc]; --k) {
+      const int64_t code = col[k], c = (oc / OCg) * Cg + code / KK;
+      const int64_t at = fill[c]++;
+      colT[at] = static_cast<int32_t>((oc % OCg) * KK + (KK - 1 - code % KK));
+      valT[at] = val[k];
+    }
+  }
+  Geom t = g;
+  t.C = g.OC; t.H = g.OH; t.W = g.OW; t.OC = g.C; t.OH = g.H; t.OW = g.W;
+  t.sh = t.sw = 1;
+  t.ph = g.dh * (g.KH - 1) - g.ph;
+  t.pw = g.dw * (g.KW - 1) - g.pw;
+  conv_forward_s1<T, int32_t>(t, gy, rpT.data(), colT.data(), valT.data(), nullptr, gx);
 }
 
 template <typename T, typename I>
@@ -214,10 +417,12 @@ void conv_grad_weight(const Geom& g, const T* gy, const T* x, const int64_t* row
 }
 
 #define SAF_INSTANTIATE(T, I)                                                              \
-  template void conv_forward_s1<T, I>(const Geom&, const T*, int64_t, int64_t,             \
-                                      const int64_t*, const I*, const T*, const T*, T*);   \
+  template void conv_forward_s1<T, I>(const Geom&, const T*, const int64_t*, const I*,     \
+                                      const T*, const T*, T*);                             \
   template void conv_forward<T, I>(const Geom&, const T*, const int64_t*, const I*,        \
                                    const T*, const T*, T*);                                \
+  template void conv_grad_input_s1<T, I>(const Geom&, const T*, const int64_t*, const I*,  \
+                                         const T*, T*);                                    \
   template void conv_grad_input<T, I>(const Geom&, const T*, const int64_t*, const I*,     \
                                       const T*, T*);                                       \
   template void conv_grad_weight<T, I>(const Geom&, const T*, const T*, const int64_t*,    \

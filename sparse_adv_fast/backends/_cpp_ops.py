@@ -7,8 +7,9 @@ the extension's sparse kernels over a CSR of the mask's structure, built once pe
 weight/mask version through :func:`sparse_adv_fast.ops._cache.get` and dropped when the
 weight changes. ``grad_weight`` on the sparse path computes only the kept entries (SDDMM).
 Column indices are int16 when the row length allows. The linear layer holds one CSR: its
-input gradient scatters through the forward CSR instead of keeping a transposed one (the
-conv input gradient still uses a transposed CSR).
+input gradient scatters through the forward CSR instead of keeping a transposed one; the
+stride-1 conv input gradient has the extension derive its transposed CSR per call, and only
+other strides cache a transposed copy.
 """
 
 from __future__ import annotations
@@ -113,22 +114,18 @@ def csr(w: Tensor, mask: Tensor, index: torch.dtype = torch.int32
     return _cache.get(w, mask, f"csr{_INDEX_TAG[index]}", build)
 
 
-def csr_t(w: Tensor, mask: Tensor, groups: int = 1, flip: bool = False,
+def csr_t(w: Tensor, mask: Tensor, groups: int = 1,
           index: torch.dtype = torch.int32) -> tuple[Tensor, Tensor, Tensor]:
     """CSR of the transposed masked weight (rows = inputs, ``index`` columns), cached per
     version. Only the conv input gradient uses it (the linear one scatters through
-    :func:`csr`).
-
-    ``flip`` also reverses the kernel taps: the weight of a stride-1 transposed convolution
-    written as a plain convolution (how the conv input gradient reuses the forward kernel).
+    :func:`csr`) with a stride other than 1.
     """
 
     def build() -> tuple[Tensor, Tensor, Tensor]:
-        rowptr, col = pattern_t(mask, groups, flip, index)
-        wd = w.detach().flip(2, 3) if flip else w.detach()
-        return rowptr, col, _values(_rows_t(wd, groups), rowptr, col)
+        rowptr, col = pattern_t(mask, groups, index)
+        return rowptr, col, _values(_rows_t(w.detach(), groups), rowptr, col)
 
-    return _cache.get(w, mask, f"csr_t{groups}{'f' if flip else ''}{_INDEX_TAG[index]}", build)
+    return _cache.get(w, mask, f"csr_t{groups}{_INDEX_TAG[index]}", build)
 
 
 def pattern(mask: Tensor, index: torch.dtype = torch.int32) -> tuple[Tensor, Tensor]:
@@ -137,16 +134,15 @@ def pattern(mask: Tensor, index: torch.dtype = torch.int32) -> tuple[Tensor, Ten
                       lambda: _pattern(_rows(mask), index))
 
 
-def pattern_t(mask: Tensor, groups: int = 1, flip: bool = False,
+def pattern_t(mask: Tensor, groups: int = 1,
               index: torch.dtype = torch.int32) -> tuple[Tensor, Tensor]:
     """CSR structure of the transposed mask as :func:`csr_t` lays it out, cached per mask
     version (so a training step gathers the transposed values only)."""
 
     def build() -> tuple[Tensor, Tensor]:
-        return _pattern(_rows_t(mask.flip(2, 3) if flip else mask, groups), index)
+        return _pattern(_rows_t(mask, groups), index)
 
-    return _cache.get(mask, mask, f"pattern_t{groups}{'f' if flip else ''}{_INDEX_TAG[index]}",
-                      build)
+    return _cache.get(mask, mask, f"pattern_t{groups}{_INDEX_TAG[index]}", build)
 
 
 _INDEX_TAG = {torch.int32: "", torch.int16: "16"}
@@ -205,17 +201,20 @@ def dense_conv_forward(x: Tensor, w: Tensor, mask: Tensor, b: Tensor | None,
 
 def sparse_conv_grad_input(ext: ModuleType, gy: Tensor, x: Tensor, w: Tensor, mask: Tensor,
                            conv: Conv) -> Tensor:
-    """Input gradient over the transposed CSR (``x`` gives the shape)."""
+    """Input gradient by the direct sparse kernel (``x`` gives the shape).
+
+    Stride 1 (every 3x3 / 1x1 body conv): a plain convolution of gy with the flipped,
+    transposed weight, whose CSR the extension derives per call from the forward one, so no
+    transposed copy is cached. Other strides scatter through a cached transposed CSR.
+    """
     stride, padding, dilation, groups = conv
     oc, cg, kh, kw = w.shape
+    if list(stride) == [1, 1] and hasattr(ext, "conv_grad_input_s1") and (
+            dilation[0] * (kh - 1) >= padding[0] and dilation[1] * (kw - 1) >= padding[1]):
+        rowptr, col, val = csr(w, mask, index_dtype(mask[0].numel()))
+        return ext.conv_grad_input_s1(gy, list(x.shape), rowptr, col, val, list(w.shape),
+                                      list(padding), list(dilation), groups)
     index = index_dtype((oc // groups) * kh * kw)  # transposed row length
-    # Stride 1: the input gradient is a plain convolution of gy with the flipped,
-    # transposed weight and padding d*(k-1)-p, which runs the register-blocked kernel.
-    pad_t = [dilation[0] * (kh - 1) - padding[0], dilation[1] * (kw - 1) - padding[1]]
-    if list(stride) == [1, 1] and min(pad_t) >= 0:
-        rowptr, col, val = csr_t(w, mask, groups, flip=True, index=index)
-        return ext.conv_forward(gy, rowptr, col, val, [cg * groups, oc // groups, kh, kw], None,
-                                [1, 1], pad_t, list(dilation), groups)
     rowptr, col, val = csr_t(w, mask, groups, index=index)
     return ext.conv_grad_input(gy, list(x.shape), rowptr, col, val, list(w.shape), *conv)
 
