@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import cpu_backends
 
 import sparse_adv_fast as saf
 from sparse_adv_fast import backends
@@ -113,8 +114,7 @@ class _Fake:
 
 @pytest.mark.parametrize("sparse_wins", [False, True])
 @pytest.mark.parametrize("kind", list(CASES))
-def test_auto_takes_the_shortcut_only_after_choosing_the_reference(monkeypatch, kind,
-                                                                   sparse_wins):
+def test_auto_takes_the_shortcut_once_it_has_chosen(monkeypatch, kind, sparse_wins):
     mod, make, data, formula = CASES[kind]
     fake = _Fake(mod._REF)
     monkeypatch.setattr(backends, "_candidates", lambda op, device: {"cpp-sparse": fake})
@@ -125,17 +125,45 @@ def test_auto_takes_the_shortcut_only_after_choosing_the_reference(monkeypatch, 
     layer, x = make(), data()
     layer.requires_grad_(False)
     calls = _count_ops(monkeypatch, mod)
+    xr = x.clone().requires_grad_(True)
+    ref = formula(layer, xr)
+    (gref,) = torch.autograd.grad((ref * ref).sum(), xr)
     with _autotune.use_timer(timer), _cache.frozen(layer):
         for _ in range(3):
-            out, _g = _attack_step(layer, x)
-            torch.testing.assert_close(out, formula(layer, x))
-    if sparse_wins:  # the chosen kernel keeps running, through the op, every time
-        assert calls[0] == 3
+            out, g = _attack_step(layer, x)
+            torch.testing.assert_close(out, ref.detach())
+            torch.testing.assert_close(g, gref)
+    # The first call measures through the op; later ones skip it either way.
+    assert calls[0] == 1
+    if sparse_wins:  # the chosen kernel keeps running, called directly, every time
         assert fake.ran.count("forward") >= 3 and fake.ran.count("grad_input") >= 3
-    else:  # the first call measures through the op (the candidate checked once); later
-        # ones skip it
-        assert calls[0] == 1
+    else:  # the candidate is checked once, then the plain torch op runs
         assert fake.ran.count("forward") <= 1 and fake.ran.count("grad_input") <= 1
+
+
+@pytest.mark.skipif("cpp" not in cpu_backends(), reason="needs a C++ compiler")
+@pytest.mark.parametrize("kind", list(CASES))
+def test_forced_sparse_kernels_run_without_the_op_and_match_the_formula(monkeypatch, kind):
+    """A forced cpp backend on its sparse path inside an attack: no custom op, and the
+    output and input gradient agree with the formula (the autograd function's backward)."""
+    from sparse_adv_fast.backends import _cpp_ops
+
+    for name in ("LINEAR_SPARSE_DENSITY", "CONV_SPARSE_DENSITY"):
+        monkeypatch.setattr(_cpp_ops, name, 1.0)
+    mod, make, data, formula = CASES[kind]
+    layer, x = make(), data()
+    xr = x.clone().requires_grad_(True)
+    ref = formula(layer, xr)
+    (gref,) = torch.autograd.grad((ref * ref).sum(), xr)
+    layer.requires_grad_(False)
+    calls = _count_ops(monkeypatch, mod)
+    with backends.using("cpp"), _cache.frozen(layer):
+        out, g = _attack_step(layer, x)
+        forms = [k for e in _cache._entries.values() for k in e.forms]
+    assert calls[0] == 0
+    assert any(k.startswith("csr") for k in forms), forms  # the sparse kernels ran
+    torch.testing.assert_close(out, ref.detach())
+    torch.testing.assert_close(g, gref)
 
 
 def test_nd_linear_inputs_keep_the_op(monkeypatch):

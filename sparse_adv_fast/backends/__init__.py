@@ -385,15 +385,14 @@ def impl(op: str, device: torch.device, reference: Any, describe: Describe) -> A
     return hit
 
 
-def reference_picked(ns: Any, reference: Any, calls: list[tuple[str, tuple]]) -> bool:
-    """Whether the op namespace ``ns`` (from :func:`impl`) runs the torch ``reference`` for
-    every ``(direction, args)`` in ``calls``: forced to ``torch``, or in ``auto`` mode with
-    that choice already made for such calls."""
-    if ns is reference:
-        return True
+def remembered(ns: Any, calls: list[tuple[str, tuple]]) -> list[Callable[..., Any]] | None:
+    """The functions the op namespace ``ns`` (from :func:`impl`) runs for every
+    ``(direction, args)`` in ``calls``, or None while ``auto`` has not yet picked for such a
+    call (nothing is measured here). A forced backend's functions are its own."""
     if not isinstance(ns, _Auto):
-        return False
-    return all(ns.remembered(d, args) is getattr(reference, d) for d, args in calls)
+        return [getattr(ns, d) for d, _ in calls]
+    fns = [ns.remembered(d, args) for d, args in calls]
+    return None if any(f is None for f in fns) else fns
 
 
 def choices() -> dict[str, dict]:
