@@ -2,7 +2,8 @@
 reaches every tiling the forward kernel picks: row tiles of full-width vectors (output
 widths that are multiples of 16 / 8 floats), row tiles of half-width vectors, and flat
 tiles over the padded plane (any other width), with tail row blocks, fewer images than
-threads (the channel split) and more (the per-image split), groups, dilation and padding.
+threads (the channel split) and more (the per-image split), groups, dilation, padding and
+strides (the phase planes).
 The stride-1 input gradient runs the same kernel on a transposed CSR the extension builds
 per call; it is checked against autograd here, and so is the cached transposed path of
 other strides."""
@@ -68,6 +69,41 @@ def test_stride1_forward_and_grad_input_match_torch(shape, density, dtype):
     ref.backward(gy)
     gx = ext.conv_grad_input_s1(gy, list(x.shape), rowptr, col, val, list(wt.shape), pad,
                                 [d, d], groups)
+    assert_close(gx, xr.grad)
+
+
+# (N, C, H, W, OC, kernel, stride, padding, dilation, groups)
+STRIDED = [
+    (2, 3, 32, 32, 4, 3, 2, 1, 1, 1),        # ResNet downsampling: 32 -> 16, row tiles
+    (3, 4, 16, 16, 4, 1, 2, 0, 1, 2),        # 1x1 shortcut, groups
+    (1, 2, 9, 11, 3, 3, 2, 1, 1, 1),         # odd sizes, flat tiles
+    (2, 3, 10, 17, 2, (3, 2), (2, 3), (1, 0), (1, 2), 1),  # mixed strides and dilation
+    (2, 2, 13, 13, 3, 5, 3, 2, 1, 1),        # stride 3, 5x5
+    (2, 2, 8, 8, 2, 3, 2, 4, 1, 1),          # padding wider than the kernel
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", STRIDED, ids=lambda s: "x".join(map(str, s[:5])))
+def test_strided_forward_and_grad_input_match_torch(shape, dtype):
+    """Strided convolutions run the forward over phase planes; their input gradient goes
+    through the cached transposed CSR."""
+    n, c, h, w, oc, k, s, p, d, groups = shape
+    pair = lambda v: list(v) if isinstance(v, tuple) else [v, v]  # noqa: E731
+    ext = backends.cpp.loader("masked_conv2d")._ext
+    x, wt, mask = _case(n, c, h, w, oc, k, groups, 0.4, dtype)
+    conv = (pair(s), pair(p), pair(d), groups)
+    wm = torch.where(mask, wt, torch.zeros_like(wt))
+    bias = torch.randn(oc, dtype=dtype)
+    rowptr, col, val = _cpp_ops.csr(wt, mask, _cpp_ops.index_dtype(mask[0].numel()))
+    y = ext.conv_forward(x, rowptr, col, val, list(wt.shape), bias, *conv)
+    assert_close(y, F.conv2d(x, wm, bias, *conv))
+    xr = x.clone().requires_grad_()
+    ref = F.conv2d(xr, wm, None, *conv)
+    gy = torch.randn_like(ref)
+    ref.backward(gy)
+    rt, ct, vt = _cpp_ops.csr_t(wt, mask, groups)
+    gx = ext.conv_grad_input(gy, list(x.shape), rt, ct, vt, list(wt.shape), *conv)
     assert_close(gx, xr.grad)
 
 

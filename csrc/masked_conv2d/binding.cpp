@@ -14,11 +14,8 @@ struct Geom {
   int64_t N, C, H, W, OC, KH, KW, G, sh, sw, ph, pw, dh, dw, OH, OW;
 };
 template <typename T, typename I>
-void conv_forward(const Geom&, const T*, const int64_t*, const I*, const T*, const T*,
-                  T*);
-template <typename T, typename I>
-void conv_forward_s1(const Geom&, const T*, const int64_t*, const I*, const T*, const T*,
-                     T*);
+void conv_forward_tiled(const Geom&, const T*, const int64_t*, const I*, const T*, const T*,
+                        T*);
 template <typename T, typename I>
 void conv_grad_input(const Geom&, const T*, const int64_t*, const I*, const T*, T*);
 template <typename T, typename I>
@@ -57,24 +54,12 @@ at::Tensor conv_forward(const at::Tensor& x_in, const at::Tensor& rowptr, const 
   at::Tensor b;
   if (bias.has_value() && bias->defined()) b = bias->contiguous();
   at::Tensor y = at::empty({g.N, g.OC, g.OH, g.OW}, x.options());
-  if (g.sh == 1 && g.sw == 1) {  // register-blocked kernel over padded image copies
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "saf_conv_forward_s1", [&] {
-      saf_common::with_col(col, [&](auto* c) {
-        saf_mc::conv_forward_s1<scalar_t>(g, x.data_ptr<scalar_t>(),
-                                          rowptr.data_ptr<int64_t>(), c,
-                                          val.data_ptr<scalar_t>(),
-                                          b.defined() ? b.data_ptr<scalar_t>() : nullptr,
-                                          y.data_ptr<scalar_t>());
-      });
-    });
-    return y;
-  }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "saf_conv_forward", [&] {
     saf_common::with_col(col, [&](auto* c) {
-      saf_mc::conv_forward<scalar_t>(g, x.data_ptr<scalar_t>(), rowptr.data_ptr<int64_t>(), c,
-                                     val.data_ptr<scalar_t>(),
-                                     b.defined() ? b.data_ptr<scalar_t>() : nullptr,
-                                     y.data_ptr<scalar_t>());
+      saf_mc::conv_forward_tiled<scalar_t>(g, x.data_ptr<scalar_t>(), rowptr.data_ptr<int64_t>(),
+                                           c, val.data_ptr<scalar_t>(),
+                                           b.defined() ? b.data_ptr<scalar_t>() : nullptr,
+                                           y.data_ptr<scalar_t>());
     });
   });
   return y;

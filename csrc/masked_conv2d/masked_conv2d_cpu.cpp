@@ -1,5 +1,6 @@
 // CPU kernels for masked_conv2d's sparse path: direct sparse convolution over the kept
-// weights (raw pointers, OpenMP, NCHW; no torch headers so this compiles in seconds).
+// weights (raw pointers, OpenMP, NCHW; no torch headers so this compiles in seconds). Vectors
+// are 64 bytes where the compiler targets AVX-512, 32 otherwise.
 //
 // Forward CSR: rows = output channels, column code = cl*KH*KW + ky*KW + kx (cl = input
 // channel within the group). Transposed CSR (grad_input): rows = global input channel,
@@ -25,48 +26,14 @@ inline void valid_range(int64_t off, int64_t s, int64_t size, int64_t out, int64
   if (hi < lo) hi = lo;
 }
 
-template <typename T, typename I>
-void conv_forward(const Geom& g, const T* x, const int64_t* rowptr, const I* col,
-                  const T* val, const T* bias, T* y) {
-  const int64_t Cg = g.C / g.G, OCg = g.OC / g.G, KK = g.KH * g.KW, P = g.OH * g.OW;
-#pragma omp parallel for collapse(2) schedule(dynamic, 1)
-  for (int64_t n = 0; n < g.N; ++n) {
-    for (int64_t oc = 0; oc < g.OC; ++oc) {
-      T* yp = y + (n * g.OC + oc) * P;
-      const T b0 = bias ? bias[oc] : T(0);
-      for (int64_t p = 0; p < P; ++p) yp[p] = b0;
-      const int64_t grp = oc / OCg;
-      for (int64_t k = rowptr[oc]; k < rowptr[oc + 1]; ++k) {
-        const int64_t code = col[k], cl = code / KK, kk = code % KK;
-        const int64_t ky = kk / g.KW, kx = kk % g.KW;
-        const T v = val[k];
-        const T* xp = x + (n * g.C + grp * Cg + cl) * g.H * g.W;
-        const int64_t offy = ky * g.dh - g.ph, offx = kx * g.dw - g.pw;
-        int64_t oh0, oh1, ow0, ow1;
-        valid_range(offy, g.sh, g.H, g.OH, oh0, oh1);
-        valid_range(offx, g.sw, g.W, g.OW, ow0, ow1);
-        for (int64_t oh = oh0; oh < oh1; ++oh) {
-          const T* xr = xp + (oh * g.sh + offy) * g.W + offx;
-          T* yr = yp + oh * g.OW;
-          if (g.sw == 1) {
-#pragma omp simd
-            for (int64_t ow = ow0; ow < ow1; ++ow) yr[ow] += v * xr[ow];
-          } else {
-            for (int64_t ow = ow0; ow < ow1; ++ow) yr[ow] += v * xr[ow * g.sw];
-          }
-        }
-      }
-    }
-  }
-}
-
-// Stride-1 forward as a 1-D convolution over each zero-padded input plane, flattened: output
-// pixel (oh, ow) sits at flat position oh*Wp + ow of the padded grid, and tap (cl, ky, kx)
-// reads the padded input at that position plus a fixed offset. A tile of up to kMaxNV
-// vectors of flat positions is accumulated in registers over all kept taps of a channel and
-// stored once; positions in the padding columns (ow >= OW) are computed and dropped. This
-// keeps small planes (8x8, 4x4) vectorised where a per-row loop would not be, and each
-// image is padded into a per-thread buffer that stays cache-resident (no full padded copy).
+// Forward, any stride: each image is copied into a per-thread buffer of zero-padded phase
+// planes (see FlatPlan) that stays cache-resident, where every kept tap of a channel reads
+// the plane at a fixed offset from the output pixel. Output tiles accumulate in registers
+// over all kept taps of their channel and are stored once: row tiles when an output row is
+// a whole number of vectors wide, else flat tiles over the phase grid flattened (output
+// pixel (oh, ow) at oh*Wq + ow), whose positions in the padding columns (ow >= OW) are
+// computed and dropped. Flat tiles keep small planes (8x8, 4x4) vectorised where a per-row
+// loop would not be.
 #if defined(__AVX512F__)
 constexpr int kVecBytes = 64;
 #else
@@ -146,42 +113,67 @@ inline void rows_tile_n(int nr, const T* xb, int64_t Wp, const int32_t* off, con
   rows_tile<T, VB, NCV, NR>(xb, Wp, off, vals, nk, b0, yb, OW);
 }
 
+// The input of one image as the kernels read it: each channel split into sh x sw phase
+// planes of Hq x Wq (phase (ry, rx) holds padded pixel (sh*i + ry, sw*j + rx) at (i, j)),
+// so a strided convolution becomes a stride-1 one over the phase planes (for stride 1
+// there is one phase: the zero-padded plane). Tap (cl, ky, kx) reads phase
+// (ky*dh % sh, kx*dw % sw) shifted by (ky*dh / sh, kx*dw / sw).
 template <typename T>
 struct FlatPlan {
-  int64_t Hp, Wp, plane, Lf, VL, tile;
-  std::vector<int32_t> off;  // per stored weight: its input offset within the padded image
+  int64_t Hq, Wq, plane, chan, Lf, VL, tile;
+  std::vector<int32_t> off;  // per stored weight: its input offset within the image buffer
 };
 
 template <typename T, typename I>
 FlatPlan<T> flat_plan(const Geom& g, const int64_t* rowptr, const I* col) {
   FlatPlan<T> f;
-  f.Hp = g.H + 2 * g.ph;
-  f.Wp = g.W + 2 * g.pw;
-  f.plane = f.Hp * f.Wp;
-  f.Lf = (g.OH - 1) * f.Wp + g.OW;
+  f.Hq = g.OH + (g.KH - 1) * g.dh / g.sh;
+  f.Wq = g.OW + (g.KW - 1) * g.dw / g.sw;
+  f.plane = f.Hq * f.Wq;
+  f.chan = g.sh * g.sw * f.plane;
+  f.Lf = (g.OH - 1) * f.Wq + g.OW;
   f.VL = kVecBytes / sizeof(T);
   f.tile = kMaxNV * f.VL;
   const int64_t KK = g.KH * g.KW, nnz = rowptr[g.OC];
   f.off.resize(static_cast<size_t>(nnz));
   for (int64_t k = 0; k < nnz; ++k) {
     const int64_t code = col[k], cl = code / KK, kk = code % KK;
-    f.off[k] = static_cast<int32_t>((cl * f.Hp + (kk / g.KW) * g.dh) * f.Wp + (kk % g.KW) * g.dw);
+    const int64_t ty = (kk / g.KW) * g.dh, tx = (kk % g.KW) * g.dw;
+    const int64_t phase = (ty % g.sh) * g.sw + tx % g.sw;
+    f.off[k] = static_cast<int32_t>(cl * f.chan + phase * f.plane + (ty / g.sh) * f.Wq +
+                                    tx / g.sw);
   }
   return f;
 }
 
-// Copies image n of x into the interior of buf (Cimg planes of Hp x Wp whose borders are
-// already zero).
+// Writes image n of x into buf's phase planes, at the positions that fall inside the
+// image; the others (padding) are zero from the buffer's first fill and stay so.
 template <typename T>
 inline void pad_image(const Geom& g, const FlatPlan<T>& f, const T* x, int64_t n, T* buf) {
   const T* xi = x + n * g.C * g.H * g.W;
-  for (int64_t c = 0; c < g.C; ++c)
-    for (int64_t h = 0; h < g.H; ++h) {
-      const T* src = xi + (c * g.H + h) * g.W;
-      T* dst = buf + c * f.plane + (h + g.ph) * f.Wp + g.pw;
+  for (int64_t ry = 0; ry < g.sh; ++ry) {
+    for (int64_t rx = 0; rx < g.sw; ++rx) {
+      // Columns j whose source column sw*j + rx - pw lies in [0, W).
+      const int64_t j0 = std::max<int64_t>(0, (g.pw - rx + g.sw - 1) / g.sw);
+      const int64_t j1 = std::min<int64_t>(f.Wq, (g.W + g.pw - rx + g.sw - 1) / g.sw);
+      if (j1 <= j0) continue;
+      for (int64_t c = 0; c < g.C; ++c) {
+        T* ph = buf + c * f.chan + (ry * g.sw + rx) * f.plane;
+        for (int64_t i = 0; i < f.Hq; ++i) {
+          const int64_t h = g.sh * i + ry - g.ph;
+          if (h < 0 || h >= g.H) continue;
+          const T* src = xi + (c * g.H + h) * g.W + rx - g.pw;
+          T* dst = ph + i * f.Wq;
+          if (g.sw == 1) {
 #pragma omp simd
-      for (int64_t w = 0; w < g.W; ++w) dst[w] = src[w];
+            for (int64_t j = j0; j < j1; ++j) dst[j] = src[j];
+          } else {
+            for (int64_t j = j0; j < j1; ++j) dst[j] = src[g.sw * j];
+          }
+        }
+      }
     }
+  }
 }
 
 // Output channels [oc0, oc1) of image n by row tiles of VB-byte vectors (OW % (VB /
@@ -196,8 +188,8 @@ void rows_image(const Geom& g, const FlatPlan<T>& f, const T* buf, int64_t n, in
     for (int64_t c0 = 0; c0 < g.OW; c0 += NCV * VL) {
       for (int64_t oc = oc0; oc < oc1; ++oc) {
         const int64_t k0 = rowptr[oc];
-        const T* xb = buf + (oc / OCg) * Cg * f.plane + r0 * f.Wp + c0;
-        rows_tile_n<T, VB, NCV>(nr, xb, f.Wp, f.off.data() + k0, val + k0, rowptr[oc + 1] - k0,
+        const T* xb = buf + (oc / OCg) * Cg * f.chan + r0 * f.Wq + c0;
+        rows_tile_n<T, VB, NCV>(nr, xb, f.Wq, f.off.data() + k0, val + k0, rowptr[oc + 1] - k0,
                                 bias ? bias[oc] : T(0), y + (n * g.OC + oc) * P + r0 * g.OW + c0,
                                 g.OW);
       }
@@ -214,17 +206,17 @@ void flat_image(const Geom& g, const FlatPlan<T>& f, const T* buf, int64_t n, in
   for (int64_t t0 = 0; t0 < f.Lf; t0 += f.tile) {
     const int64_t len = std::min<int64_t>(f.tile, f.Lf - t0);
     const int nv = static_cast<int>((len + f.VL - 1) / f.VL);
-    const int64_t r0 = t0 / f.Wp, r1 = (t0 + len - 1) / f.Wp;
+    const int64_t r0 = t0 / f.Wq, r1 = (t0 + len - 1) / f.Wq;
     for (int64_t oc = oc0; oc < oc1; ++oc) {
       const int64_t k0 = rowptr[oc];
-      const T* xb = buf + (oc / OCg) * Cg * f.plane + t0;
+      const T* xb = buf + (oc / OCg) * Cg * f.chan + t0;
       flat_tile_n<T>(nv, xb, f.off.data() + k0, val + k0, rowptr[oc + 1] - k0,
                      bias ? bias[oc] : T(0), out);
       T* yp = y + (n * g.OC + oc) * P;
       for (int64_t r = r0; r <= r1; ++r) {
-        const int64_t a = std::max<int64_t>(r * f.Wp, t0);
-        const int64_t b = std::min<int64_t>(r * f.Wp + g.OW, t0 + len);
-        for (int64_t i = a; i < b; ++i) yp[r * g.OW + (i - r * f.Wp)] = out[i - t0];
+        const int64_t a = std::max<int64_t>(r * f.Wq, t0);
+        const int64_t b = std::min<int64_t>(r * f.Wq + g.OW, t0 + len);
+        for (int64_t i = a; i < b; ++i) yp[r * g.OW + (i - r * f.Wq)] = out[i - t0];
       }
     }
   }
@@ -267,11 +259,11 @@ void image_conv(const Geom& g, const FlatPlan<T>& f, const T* buf, int64_t n, in
 }
 
 template <typename T, typename I>
-void conv_forward_s1(const Geom& g, const T* x, const int64_t* rowptr, const I* col,
+void conv_forward_tiled(const Geom& g, const T* x, const int64_t* rowptr, const I* col,
                      const T* val, const T* bias, T* y) {
   const FlatPlan<T> f = flat_plan<T>(g, rowptr, col);
   // A tile may read up to one tile past the last plane: the slack keeps that in bounds.
-  const size_t buflen = static_cast<size_t>(g.C * f.plane + f.tile);
+  const size_t buflen = static_cast<size_t>(g.C * f.chan + f.tile);
   const int nt = omp_get_max_threads();
   if (g.N >= nt) {  // one image per task, padded into the thread's own buffer
 #pragma omp parallel
@@ -325,7 +317,7 @@ void conv_grad_input_s1(const Geom& g, const T* gy, const int64_t* rowptr, const
   t.sh = t.sw = 1;
   t.ph = g.dh * (g.KH - 1) - g.ph;
   t.pw = g.dw * (g.KW - 1) - g.pw;
-  conv_forward_s1<T, int32_t>(t, gy, rpT.data(), colT.data(), valT.data(), nullptr, gx);
+  conv_forward_tiled<T, int32_t>(t, gy, rpT.data(), colT.data(), valT.data(), nullptr, gx);
 }
 
 template <typename T, typename I>
@@ -417,10 +409,8 @@ void conv_grad_weight(const Geom& g, const T* gy, const T* x, const int64_t* row
 }
 
 #define SAF_INSTANTIATE(T, I)                                                              \
-  template void conv_forward_s1<T, I>(const Geom&, const T*, const int64_t*, const I*,     \
+  template void conv_forward_tiled<T, I>(const Geom&, const T*, const int64_t*, const I*,     \
                                       const T*, const T*, T*);                             \
-  template void conv_forward<T, I>(const Geom&, const T*, const int64_t*, const I*,        \
-                                   const T*, const T*, T*);                                \
   template void conv_grad_input_s1<T, I>(const Geom&, const T*, const int64_t*, const I*,  \
                                          const T*, T*);                                    \
   template void conv_grad_input<T, I>(const Geom&, const T*, const int64_t*, const I*,     \
