@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops.restart_select import select_restarts
-from . import _core
+from . import _core, _fold
 from . import _hygiene as H
 from .losses import MIN_CLASSES
 from .losses import fooled as fooled_mask
@@ -92,7 +92,7 @@ def apgd(
                             restarts=restarts, clip=clip)
     rho = _check_rho(where, rho)
     _check_eot(where, eot_iter)
-    with H.attack_mode(model):
+    with H.attack_mode(model), _fold.folded(model) as model:
         b = _core.prepare(where, model, x, y, loss=loss, targeted=targeted, restarts=restarts,
                           lo=lo, hi=hi)
         out, best, won = _run(model, b, eps=eps, norm=norm, steps=steps, loss=loss,
@@ -135,7 +135,7 @@ def apgd_t(
                                         or targets_at_once < 1):
         raise ValueError(f"{where}: targets_at_once must be None or an integer >= 1, got "
                          f"{targets_at_once!r}")
-    with H.attack_mode(model):
+    with H.attack_mode(model), _fold.folded(model) as model:
         x, y, targets, todo = targeted_start(where, model, x, y, lo, hi, n_target_classes,
                                              MIN_CLASSES[("dlr", True)])
         out = x.clone()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 
 from .. import ops
 from ..ops.restart_select import row_chunks
-from . import _core
+from . import _core, _fold
 from . import _hygiene as H
 from .losses import fooled as fooled_mask
 
@@ -112,9 +114,11 @@ def run_pgd(
             raise ValueError(f"{where}: x_init must have shape {(rows, *x.shape[1:])} "
                              f"(restarts * batch, ...), got "
                              f"{getattr(x_init, 'shape', type(x_init).__name__)}")
-    with H.attack_mode(model):
+    with H.attack_mode(model), contextlib.ExitStack() as scope:
         if compile:  # the compiled module shares model's parameters, buffers and modes
             model = _core.compiled(model, "inductor" if compile is True else compile)
+        else:
+            model = scope.enter_context(_fold.folded(model))
         # With steps, the labels are checked on the first step's forward (no extra one).
         b = _core.prepare(where, model, x, y, loss=loss, targeted=targeted, restarts=restarts,
                           lo=lo, hi=hi, defer_labels=steps > 0)

@@ -1,0 +1,149 @@
+"""Batch-norm folding for gradient attacks: an eval-mode conv -> BatchNorm2d pair is one
+convolution with per-channel scaled weights and a shifted bias.
+
+In eval mode a BatchNorm2d is the affine map ``x * s + t`` per channel (``s = gamma /
+sqrt(var + eps)``, ``t = beta - mean * s``), so ``bn(conv(x, w, b))`` is exactly
+``conv(x, w * s, b * s + t)``: a sparse conv keeps its mask (scaling keeps zeros zero) and
+the batch norm's forward and backward passes disappear from every attack step. On a CPU
+ResNet-18 they are about a fifth of a PGD step.
+
+What is folded is decided on the traced graph (:mod:`torch.fx`): a conv whose only user is
+an eval-mode BatchNorm2d with running statistics, neither carrying hooks, with zero
+padding. Only a model holding both a conv and such a batch norm is traced (once per
+module tree: tracing runs its forward on proxies), and one that does not trace runs as it
+is. The folded model differs from the
+model only by float rounding (the scaling is applied to the weight instead of the
+output); attacks use it for their search, and every caller measures robustness on the
+model itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+from .. import functional as SF
+from ..nn.masked import _MaskedMixin
+from ..ops import _cache
+
+
+class _FoldedConv(nn.Module):
+    """``conv`` followed by the batch norm folded into it; weights set per attack."""
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+        super().__init__()
+        self.conv, self.bn = [conv], [bn]  # lists: not registered as submodules
+        self.weight: Tensor | None = None
+        self.bias: Tensor | None = None
+
+    def refresh(self) -> list[Tensor]:
+        """Fold the current weights and statistics; returns the new tensors."""
+        conv, bn = self.conv[0], self.bn[0]
+        with torch.no_grad():
+            scale = bn.weight if bn.affine else torch.ones_like(bn.running_var)
+            scale = scale / torch.sqrt(bn.running_var + bn.eps)
+            shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(scale)
+            self.weight = (conv.weight * scale.reshape(-1, 1, 1, 1).to(conv.weight)).detach()
+            self.bias = ((bias - bn.running_mean) * scale + shift).to(conv.weight).detach()
+        return [self.weight, self.bias]
+
+    def release(self) -> None:
+        self.weight = self.bias = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        conv = self.conv[0]
+        args = (conv.stride, conv.padding, conv.dilation, conv.groups)
+        if isinstance(conv, _MaskedMixin):
+            return SF.masked_conv2d(x, self.weight, conv.weight_mask, self.bias, *args)
+        return F.conv2d(x, self.weight, self.bias, *args)
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, _MaskedMixin) or super().is_leaf_module(m, qualname)
+
+
+def _foldable_bn(m: nn.Module) -> bool:
+    return (isinstance(m, nn.BatchNorm2d) and not m.training and m.track_running_stats
+            and m.running_mean is not None and m.running_var is not None
+            and not (m._forward_hooks or m._forward_pre_hooks))
+
+
+def _foldable_conv(m: nn.Module) -> bool:
+    return (isinstance(m, nn.Conv2d) and m.padding_mode == "zeros"
+            and not isinstance(m.padding, str)
+            and not (m._forward_hooks or m._forward_pre_hooks))
+
+
+class _Plan:
+    """The folded module of one model and the module identities it was built from."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.signature = _signature(model)
+        self.module: fx.GraphModule | None = None
+        self.folds: list[_FoldedConv] = []
+        if model._forward_hooks or model._forward_pre_hooks:  # the graph would skip them
+            return
+        mods = list(model.modules())
+        if not (any(map(_foldable_bn, mods)) and any(map(_foldable_conv, mods))):
+            return  # nothing to fold: the forward is not traced (it may have side effects)
+        try:
+            graph = _Tracer().trace(model)
+        except Exception:  # noqa: BLE001 - any untraceable model simply runs unfolded
+            return
+        gm = fx.GraphModule(model, graph)
+        mods = dict(gm.named_modules())
+        for node in list(gm.graph.nodes):
+            if node.op != "call_module" or not _foldable_bn(mods.get(node.target)):
+                continue
+            src = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+            if not (isinstance(src, fx.Node) and src.op == "call_module"
+                    and _foldable_conv(mods.get(src.target)) and len(src.users) == 1):
+                continue
+            fold = _FoldedConv(mods[src.target], mods[node.target])
+            name = f"_saf_folded_{len(self.folds)}"
+            gm.add_submodule(name, fold)
+            with gm.graph.inserting_after(src):
+                new = gm.graph.call_module(name, src.args, src.kwargs)
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            gm.graph.erase_node(src)
+            self.folds.append(fold)
+        if self.folds:
+            gm.recompile()
+            self.module = gm
+
+
+def _signature(model: nn.Module) -> tuple:
+    """What the plan depends on: the module tree, each module's mode and hooks."""
+    return tuple((name, id(m), m.training, bool(m._forward_hooks or m._forward_pre_hooks))
+                 for name, m in model.named_modules())
+
+
+_PLANS: weakref.WeakKeyDictionary[nn.Module, _Plan] = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def folded(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` with its eval-mode conv -> batch norm pairs folded, for the scope (the
+    model itself when there is nothing to fold). Call inside ``attack_mode``: the folded
+    weights are built from the weights as they are at entry and frozen for the op cache."""
+    plan = _PLANS.get(model)
+    if plan is None or plan.signature != _signature(model):
+        plan = _PLANS[model] = _Plan(model)
+    if plan.module is None:
+        yield model
+        return
+    tensors = [t for f in plan.folds for t in f.refresh()]
+    try:
+        with _cache.frozen(tensors):
+            yield plan.module
+    finally:
+        for f in plan.folds:
+            f.release()

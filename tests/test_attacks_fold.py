@@ -1,0 +1,137 @@
+"""Batch-norm folding inside gradient attacks: the folded model computes what the model
+computes (oracle: the model itself, eval mode), only eligible pairs are folded, and the
+attack on the folded model finds the same adversarial points as on the unfolded one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import sparse_adv_fast as saf
+from sparse_adv_fast.attacks import _fold, _hygiene
+
+
+def _trained_bn(model: nn.Module) -> nn.Module:
+    """Non-trivial running statistics and affine parameters in every batch norm."""
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+    return model
+
+
+def _resnet(sparse: bool) -> nn.Module:
+    torch.manual_seed(0)
+    model = _trained_bn(saf.models.resnet18(num_classes=10, width=0.125))
+    if sparse:
+        saf.sparsify(model)
+        saf.prune.magnitude(model, 0.8, scope="layer")
+    return model.double()
+
+
+def _folds(model: nn.Module) -> tuple[nn.Module, int]:
+    with _hygiene.attack_mode(model), _fold.folded(model) as fm:
+        n = sum(isinstance(m, _fold._FoldedConv) for m in fm.modules())
+        return fm, n
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_folded_resnet_matches_the_model_in_value_and_input_gradient(sparse):
+    model = _resnet(sparse)
+    x = torch.rand(3, 3, 32, 32, dtype=torch.float64)
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    with _hygiene.attack_mode(model):
+        xr = x.clone().requires_grad_()
+        ref = model(xr)
+        (gref,) = torch.autograd.grad(ref.square().sum(), xr)
+        with _fold.folded(model) as fm:
+            assert fm is not model
+            folds = [m for m in fm.modules() if isinstance(m, _fold._FoldedConv)]
+            assert len(folds) == n_bn  # every conv -> bn pair of a ResNet
+            assert not any(isinstance(m, nn.BatchNorm2d) for m in fm.modules()
+                           if m not in model.modules())
+            xf = x.clone().requires_grad_()
+            out = fm(xf)
+            (g,) = torch.autograd.grad(out.square().sum(), xf)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(g, gref, rtol=1e-10, atol=1e-10)
+    assert all(f.weight is None for f in folds)  # released at exit
+
+
+class _Shared(nn.Module):
+    """conv -> bn, but the conv output is also added back: folding would change it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+        self.head = nn.Linear(3 * 8 * 8, 4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.head((self.bn(y) + y).flatten(1))
+
+
+class _Reflect(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect")
+        self.bn, self.head = nn.BatchNorm2d(3), nn.Linear(3 * 8 * 8, 4)
+
+    def forward(self, x):
+        return self.head(self.bn(self.conv(x)).flatten(1))
+
+
+@pytest.mark.parametrize("make", [_Shared, _Reflect], ids=["shared-output", "reflect-pad"])
+def test_ineligible_pairs_are_not_folded(make):
+    model = _trained_bn(make())
+    _, n = _folds(model)
+    assert n == 0
+
+
+def test_hooks_and_training_mode_batch_norms_are_respected():
+    model = _trained_bn(_Reflect())
+    model.conv.padding_mode = "zeros"
+    assert _folds(model)[1] == 1
+    handle = model.bn.register_forward_hook(lambda *a: None)
+    assert _folds(model)[1] == 0  # a hook on the batch norm: it must still run
+    handle.remove()
+    assert _folds(model)[1] == 1
+    with _fold.folded(model) as fm:  # outside attack_mode: training-mode bn, nothing folds
+        assert fm is model
+
+
+def test_untraceable_model_runs_unfolded():
+    class Branchy(_Reflect):
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: fx cannot trace it
+                x = x * 1.0
+            return super().forward(x)
+
+    model = _trained_bn(Branchy())
+    model.conv.padding_mode = "zeros"
+    fm, n = _folds(model)
+    assert fm is model and n == 0
+
+
+def test_pgd_on_a_folded_model_finds_the_unfolded_points(monkeypatch):
+    """PGD with folding against PGD with folding switched off, same start: the same
+    adversarial points (float64, so rounding cannot flip a gradient sign)."""
+    model = _resnet(sparse=True)
+    x = torch.rand(4, 3, 32, 32, dtype=torch.float64)
+    y = torch.randint(0, 10, (4,))
+    torch.manual_seed(3)
+    folded = saf.attacks.pgd(model, x, y, eps=8 / 255, alpha=2 / 255, steps=5)
+    monkeypatch.setattr(_fold._Plan, "__init__", _no_fold)
+    _fold._PLANS.clear()
+    torch.manual_seed(3)
+    plain = saf.attacks.pgd(model, x, y, eps=8 / 255, alpha=2 / 255, steps=5)
+    torch.testing.assert_close(folded, plain, rtol=0, atol=1e-12)
+
+
+def _no_fold(self, model):
+    self.signature, self.module, self.folds = _fold._signature(model), None, []
