@@ -12,6 +12,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "../common/vec_bytes.h"
+
 namespace saf_mc {
 
 struct Geom {
@@ -34,11 +36,7 @@ inline void valid_range(int64_t off, int64_t s, int64_t size, int64_t out, int64
 // pixel (oh, ow) at oh*Wq + ow), whose positions in the padding columns (ow >= OW) are
 // computed and dropped. Flat tiles keep small planes (8x8, 4x4) vectorised where a per-row
 // loop would not be.
-#if defined(__AVX512F__)
-constexpr int kVecBytes = 64;
-#else
-constexpr int kVecBytes = 32;
-#endif
+using saf_common::kVecBytes;
 constexpr int kMaxNV = 8;
 
 template <typename T, int NV>

@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "../common/vec_bytes.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -29,15 +31,15 @@ void transpose(const T* src, T* dst, int64_t rows, int64_t cols) {
   }
 }
 
-// One CSR row times a BC-wide slab of xT. Accumulators are explicit 32-byte vectors (GCC
-// vector extensions: AVX on x86, pairs of SSE/NEON registers elsewhere) kept in registers,
-// and two nonzeros are processed per step into separate accumulators so the FMA latency
-// chains overlap; the slab width keeps xT's slab (K x BC) resident in L2.
+// One CSR row times a BC-wide slab of xT. Accumulators are explicit vectors (GCC vector
+// extensions, common/vec_bytes.h) kept in registers, and two nonzeros are processed per
+// step into separate accumulators so the FMA latency chains overlap; the slab width keeps
+// xT's slab (K x BC) resident in L2.
 template <typename T, typename I, int BC>
 inline void row_slab(const int64_t* rowptr, const I* col, const T* val, int64_t r,
                      const T* xT, int64_t B, int64_t b0, T* out) {
-  typedef T V __attribute__((vector_size(32)));
-  constexpr int VL = 32 / sizeof(T), NV = BC / VL;
+  typedef T V __attribute__((vector_size(saf_common::kVecBytes)));
+  constexpr int VL = saf_common::kVecBytes / sizeof(T), NV = BC / VL;
   static_assert(BC % VL == 0, "slab must be a whole number of vectors");
   V a0[NV], a1[NV];
   for (int q = 0; q < NV; ++q) a0[q] = a1[q] = V{} ;
@@ -124,9 +126,9 @@ void spmm_xAt(const int64_t* rowptr, const I* col, const T* val, int64_t R,
 template <typename T, typename I>
 void spmm_gyA(const int64_t* rowptr, const I* col, const T* val, int64_t R, int64_t K,
               const T* gyT, int64_t B, T* gx) {
-  typedef T V __attribute__((vector_size(32)));
+  typedef T V __attribute__((vector_size(saf_common::kVecBytes)));
   constexpr int BC = 32;
-  constexpr int VL = 32 / sizeof(T), NV = BC / VL;
+  constexpr int VL = saf_common::kVecBytes / sizeof(T), NV = BC / VL;
   constexpr int64_t PF = 8;  // prefetch distance in nonzeros (accumulator rows live in L2)
   // An empty batch or input has an empty gx: nothing to write, and nbc = 0 below would
   // divide by zero when splitting the work over threads.
@@ -202,8 +204,8 @@ void spmm_gyA(const int64_t* rowptr, const I* col, const T* val, int64_t R, int6
 // FMA latency that a single reduction chain would expose).
 template <typename T>
 inline T dot(const T* a, const T* b, int64_t n) {
-  typedef T V __attribute__((vector_size(32)));
-  constexpr int VL = 32 / sizeof(T);
+  typedef T V __attribute__((vector_size(saf_common::kVecBytes)));
+  constexpr int VL = saf_common::kVecBytes / sizeof(T);
   V s[4] = {V{}, V{}, V{}, V{}};
   int64_t i = 0;
   for (; i + 4 * VL <= n; i += 4 * VL) {
