@@ -28,8 +28,8 @@ GRID = [
     (1, 2, 4, 48, 3, 3, 1, 1, 1),    # 3 vectors across: 1-vector column chunks; N < threads
     (2, 4, 6, 8, 4, 3, 1, 1, 2),     # half-width vectors (AVX-512) or full (AVX2); groups
     (2, 3, 7, 24, 2, 3, 1, 1, 1),    # 24 = 3 x 8
-    (2, 5, 4, 4, 6, 3, 1, 1, 1),     # flat tiles: 4x4 planes
-    (2, 3, 6, 7, 4, 3, 1, 1, 1),     # flat tiles: odd width
+    (2, 5, 4, 4, 6, 3, 1, 1, 1),     # flat tiles: 4x4 planes (half-width vectors, AVX-512)
+    (2, 3, 6, 7, 4, 3, 1, 1, 1),     # flat tiles: odd width (full-width vectors)
     (1, 2, 3, 1, 3, 1, 0, 1, 1),     # 1x1 kernel on a 1-wide plane
     (2, 4, 11, 13, 4, 5, 2, 1, 2),   # 5x5 kernel, groups
     (2, 3, 12, 32, 3, 3, 2, 2, 1),   # dilation 2 with padding 2
