@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .ops import masked_conv2d as _masked_conv2d
+from .ops import masked_conv2d_relu as _masked_conv2d_relu
 from .ops import masked_linear as _masked_linear
 from .ops import pgd_step, pgd_step_, random_start
 
@@ -38,4 +39,16 @@ def masked_conv2d(
     return _masked_conv2d(x, weight, mask, bias, stride, padding, dilation, groups)
 
 
-__all__ = ["masked_conv2d", "masked_linear", "pgd_step", "pgd_step_", "random_start"]
+def masked_conv2d_relu(
+    x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None = None, stride=1, padding=0,
+    dilation=1, groups: int = 1,
+) -> Tensor:
+    """``F.relu(F.conv2d(x, weight * mask, bias, ...))``, fused where the kernels allow."""
+    x, weight, bias = _autocast(x, weight, bias)
+    return _masked_conv2d_relu(x, weight, mask, bias, stride, padding, dilation, groups)
+
+
+__all__ = [
+    "masked_conv2d", "masked_conv2d_relu", "masked_linear",
+    "pgd_step", "pgd_step_", "random_start",
+]

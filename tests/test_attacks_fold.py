@@ -135,3 +135,82 @@ def test_pgd_on_a_folded_model_finds_the_unfolded_points(monkeypatch):
 
 def _no_fold(self, model):
     self.signature, self.module, self.folds = _fold._signature(model), None, []
+
+
+class _ConvReLU(nn.Module):
+    """Masked conv -> ReLU twice (module and in-place functional forms), no batch norm;
+    ``shared`` also adds the second conv's output back, so that ReLU cannot be fused."""
+
+    def __init__(self, shared: bool = False) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.act = nn.ReLU()
+        self.c2 = nn.Conv2d(6, 6, 3, padding=1)
+        self.head = nn.Linear(6 * 8 * 8, 4)
+        self.shared = shared
+
+    def forward(self, x):
+        y = self.c2(self.act(self.c1(x)))
+        z = torch.nn.functional.relu(y, inplace=True) if not self.shared else torch.relu(y) + y
+        return self.head(z.flatten(1))
+
+
+def _sparse_conv_relu(shared: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    model = saf.sparsify(_ConvReLU(shared))
+    saf.prune.magnitude(model, 0.6, scope="layer")
+    return model.double()
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpp", "torch"])
+def test_relu_after_a_masked_conv_is_fused_and_exact(monkeypatch, tmp_path, backend):
+    """On the sparse kernels (``auto`` with a timer that makes them win, or ``cpp`` on its
+    sparse path) the ReLU runs inside them: the fused functions are called. On the torch
+    backend the same plan falls back to conv then ReLU. All compute what the model
+    computes, value and input gradient."""
+    from sparse_adv_fast.backends import _autotune, _cpp, _cpp_ops
+
+    ran: list[str] = []
+    if backend != "torch":
+        from conftest import cpu_backends
+
+        if "cpp" not in cpu_backends():
+            pytest.skip("needs a C++ compiler")
+        monkeypatch.setattr(_cpp_ops, "CONV_SPARSE_DENSITY", 1.0)
+        cls = _cpp_ops.Conv2dOps if backend == "cpp" else _cpp.SparseConv2d
+        real = cls.grad_input_relu
+        monkeypatch.setattr(cls, "grad_input_relu",
+                            lambda self, *a: ran.append(backend) or real(self, *a))
+    monkeypatch.setenv(_autotune.ENV_CACHE, str(tmp_path / "dispatch.json"))
+    saf.backends.reset()
+    sparse_wins = _autotune.use_timer(
+        lambda key, fns: {n: (1.0 if n == "cpp-sparse" else 2.0) for n in fns})
+    model = _sparse_conv_relu()
+    x = torch.rand(3, 3, 8, 8, dtype=torch.float64)
+    with saf.backends.using(backend), sparse_wins, _hygiene.attack_mode(model):
+        xr = x.clone().requires_grad_()
+        ref = model(xr)
+        (gref,) = torch.autograd.grad(ref.square().sum(), xr)
+        for _ in range(2):  # the first call of a shape chooses; the second takes the shortcut
+            with _fold.folded(model) as fm:
+                folds = [m for m in fm.modules() if isinstance(m, _fold._FoldedConv)]
+                xf = x.clone().requires_grad_()
+                out = fm(xf)
+                (g,) = torch.autograd.grad(out.square().sum(), xf)
+    assert len(folds) == 2 and all(f.relu for f in folds)
+    assert not any(isinstance(m, nn.ReLU) for m in fm.modules() if m not in model.modules())
+    assert ran if backend != "torch" else not ran  # the fused input gradient ran
+    saf.backends.reset()
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(g, gref, rtol=1e-10, atol=1e-10)
+
+
+def test_relu_is_not_fused_where_the_conv_output_has_other_users_or_hooks():
+    model = _sparse_conv_relu(shared=True)
+    _, n = _folds(model)
+    assert n == 1  # c1 -> act only: c2's output is also added back
+    handle = model.act.register_forward_hook(lambda *a: None)
+    assert _folds(model)[1] == 0  # a hooked ReLU must still run
+    handle.remove()
+    dense = _ConvReLU()  # plain convs: nothing to fuse, the forward is not traced
+    assert _folds(dense)[1] == 0

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import cpu_backends
-from tolerances import assert_close
+from tolerances import TOL, assert_close
 
 from sparse_adv_fast import backends
 from sparse_adv_fast.backends import _cpp_ops
@@ -149,3 +149,59 @@ def test_op_grad_input_takes_either_path(padding, monkeypatch):
     forms = [k for e in _cache._entries.values() for k in e.forms]
     assert any(k.startswith("csr_t") for k in forms) == (padding == 3), forms
     _cache.clear()
+
+
+# A ReLU fused into the kernels (the attack path of conv -> relu): clamped as tiles are
+# stored, the output gradient gated by the saved output as the input gradient pads it.
+FUSED = [GRID[0], GRID[3], GRID[5], GRID[6], GRID[8], GRID[12]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", FUSED, ids=lambda s: "x".join(map(str, s[:5])))
+def test_fused_relu_matches_torch_relu_of_the_convolution(shape, dtype):
+    n, c, h, w, oc, k, p, d, groups = shape
+    ext = backends.cpp.loader("masked_conv2d")._ext
+    x, wt, mask = _case(n, c, h, w, oc, k, groups, 0.4, dtype)
+    conv = ([1, 1], [p, p], [d, d], groups)
+    wm = torch.where(mask, wt, torch.zeros_like(wt))
+    bias = torch.randn(oc, dtype=dtype)
+    bias[0] = float("nan")  # torch's relu keeps NaN: so must the fused one
+    rowptr, col, val = _cpp_ops.csr(wt, mask, _cpp_ops.index_dtype(mask[0].numel()))
+    xr = x.clone().requires_grad_()
+    ref = torch.relu(F.conv2d(xr, wm, bias, *conv))
+    y = ext.conv_forward(x, rowptr, col, val, list(wt.shape), bias, *conv, relu=True)
+    torch.testing.assert_close(y, ref.detach(), **TOL[dtype], equal_nan=True)
+    assert not bool((y < 0).any()) and bool(y[:, 0].isnan().all())
+
+    gy = torch.randn_like(ref)
+    ref.backward(gy)
+    gx = ext.conv_grad_input_s1(gy, list(x.shape), rowptr, col, val, list(wt.shape), [p, p],
+                                [d, d], groups, gate=y)
+    torch.testing.assert_close(gx, xr.grad, **TOL[dtype], equal_nan=True)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_gated_grad_input_through_the_backend_layer(stride):
+    """``gate`` on either input-gradient path: the stride-1 kernel gates while it pads, the
+    strided scatter is given the gated gradient; both match autograd through the ReLU."""
+    ext = backends.cpp.loader("masked_conv2d")._ext
+    x, wt, mask = _case(2, 3, 9, 16, 4, 3, 1, 0.4, torch.float64)
+    conv = ([stride, stride], [1, 1], [1, 1], 1)
+    xr = x.clone().requires_grad_()
+    ref = torch.relu(F.conv2d(xr, torch.where(mask, wt, torch.zeros_like(wt)), None, *conv))
+    gy = torch.randn_like(ref)
+    ref.backward(gy)
+    y = _cpp_ops.sparse_conv_forward(ext, x, wt, mask, None, conv, relu=True)
+    gx = _cpp_ops.sparse_conv_grad_input(ext, gy, x, wt, mask, conv, gate=y)
+    assert_close(y, ref.detach())
+    assert_close(gx, xr.grad)
+
+
+def test_gate_of_another_shape_is_refused():
+    ext = backends.cpp.loader("masked_conv2d")._ext
+    x, wt, mask = _case(1, 2, 5, 5, 2, 3, 1, 0.5, torch.float64)
+    rowptr, col, val = _cpp_ops.csr(wt, mask)
+    gy = torch.randn(1, 2, 5, 5, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="gate must match"):
+        ext.conv_grad_input_s1(gy, list(x.shape), rowptr, col, val, list(wt.shape), [1, 1],
+                               [1, 1], 1, gate=gy[:, :1])

@@ -14,12 +14,13 @@ struct Geom {
   int64_t N, C, H, W, OC, KH, KW, G, sh, sw, ph, pw, dh, dw, OH, OW;
 };
 template <typename T, typename I>
-void conv_forward_tiled(const Geom&, const T*, const int64_t*, const I*, const T*, const T*,
-                        T*);
+void conv_forward_tiled(const Geom&, const T*, const T*, const int64_t*, const I*, const T*,
+                        const T*, bool, T*);
 template <typename T, typename I>
 void conv_grad_input(const Geom&, const T*, const int64_t*, const I*, const T*, T*);
 template <typename T, typename I>
-void conv_grad_input_s1(const Geom&, const T*, const int64_t*, const I*, const T*, T*);
+void conv_grad_input_s1(const Geom&, const T*, const T*, const int64_t*, const I*, const T*,
+                        T*);
 template <typename T, typename I>
 void conv_grad_weight(const Geom&, const T*, const T*, const int64_t*, const I*, T*);
 }  // namespace saf_mc
@@ -47,7 +48,7 @@ saf_mc::Geom geom(at::IntArrayRef xs, at::IntArrayRef ws, const IntList& stride,
 at::Tensor conv_forward(const at::Tensor& x_in, const at::Tensor& rowptr, const at::Tensor& col,
                         const at::Tensor& val, IntList w_shape,
                         const c10::optional<at::Tensor>& bias, IntList stride, IntList padding,
-                        IntList dilation, int64_t groups) {
+                        IntList dilation, int64_t groups, bool relu) {
   at::Tensor x = x_in.contiguous();
   auto g = geom(x.sizes(), w_shape, stride, padding, dilation, groups);
   saf_common::check_csr(rowptr, col, g.OC, "masked_conv2d");
@@ -56,9 +57,10 @@ at::Tensor conv_forward(const at::Tensor& x_in, const at::Tensor& rowptr, const 
   at::Tensor y = at::empty({g.N, g.OC, g.OH, g.OW}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "saf_conv_forward", [&] {
     saf_common::with_col(col, [&](auto* c) {
-      saf_mc::conv_forward_tiled<scalar_t>(g, x.data_ptr<scalar_t>(), rowptr.data_ptr<int64_t>(),
-                                           c, val.data_ptr<scalar_t>(),
-                                           b.defined() ? b.data_ptr<scalar_t>() : nullptr,
+      saf_mc::conv_forward_tiled<scalar_t>(g, x.data_ptr<scalar_t>(), nullptr,
+                                           rowptr.data_ptr<int64_t>(), c,
+                                           val.data_ptr<scalar_t>(),
+                                           b.defined() ? b.data_ptr<scalar_t>() : nullptr, relu,
                                            y.data_ptr<scalar_t>());
     });
   });
@@ -86,10 +88,19 @@ at::Tensor conv_grad_input(const at::Tensor& gy_in, IntList x_shape, const at::T
 }
 
 // Stride-1 input gradient over the forward CSR (rows = output channels), see the kernel.
+// With a gate (the output of a ReLU applied to the convolution, gy's shape), gy is first
+// passed back through that ReLU.
 at::Tensor conv_grad_input_s1(const at::Tensor& gy_in, IntList x_shape, const at::Tensor& rowptr,
                               const at::Tensor& col, const at::Tensor& val, IntList w_shape,
-                              IntList padding, IntList dilation, int64_t groups) {
+                              IntList padding, IntList dilation, int64_t groups,
+                              const c10::optional<at::Tensor>& gate_in) {
   at::Tensor gy = gy_in.contiguous();
+  at::Tensor gate;
+  if (gate_in.has_value() && gate_in->defined()) {
+    TORCH_CHECK(gate_in->sizes() == gy.sizes() && gate_in->scalar_type() == gy.scalar_type(),
+                "masked_conv2d cpp: gate must match grad_output's shape and dtype");
+    gate = gate_in->contiguous();
+  }
   auto g = geom(x_shape, w_shape, {1, 1}, padding, dilation, groups);
   TORCH_CHECK(gy.dim() == 4 && gy.size(0) == g.N && gy.size(1) == g.OC && gy.size(2) == g.OH &&
                   gy.size(3) == g.OW,
@@ -101,6 +112,7 @@ at::Tensor conv_grad_input_s1(const at::Tensor& gy_in, IntList x_shape, const at
   AT_DISPATCH_FLOATING_TYPES(gy.scalar_type(), "saf_conv_grad_input_s1", [&] {
     saf_common::with_col(col, [&](auto* c) {
       saf_mc::conv_grad_input_s1<scalar_t>(g, gy.data_ptr<scalar_t>(),
+                                           gate.defined() ? gate.data_ptr<scalar_t>() : nullptr,
                                            rowptr.data_ptr<int64_t>(), c,
                                            val.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>());
     });
@@ -217,7 +229,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("w2d"), py::arg("rowptr"), py::arg("col"));
   m.def("conv_forward", &conv_forward, "direct sparse conv forward (CPU)", py::arg("x"),
         py::arg("rowptr"), py::arg("col"), py::arg("val"), py::arg("w_shape"), py::arg("bias"),
-        py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("groups"));
+        py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("groups"),
+        py::arg("relu") = false);
   m.def("conv_grad_input", &conv_grad_input, "direct sparse conv grad_input (CPU)",
         py::arg("gy"), py::arg("x_shape"), py::arg("rowptr_t"), py::arg("col_t"),
         py::arg("val_t"), py::arg("w_shape"), py::arg("stride"), py::arg("padding"),
@@ -225,7 +238,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_grad_input_s1", &conv_grad_input_s1,
         "stride-1 direct sparse conv grad_input over the forward CSR (CPU)", py::arg("gy"),
         py::arg("x_shape"), py::arg("rowptr"), py::arg("col"), py::arg("val"),
-        py::arg("w_shape"), py::arg("padding"), py::arg("dilation"), py::arg("groups"));
+        py::arg("w_shape"), py::arg("padding"), py::arg("dilation"), py::arg("groups"),
+        py::arg("gate") = py::none());
   m.def("conv_grad_weight", &conv_grad_weight, "sparse conv grad_weight, kept entries (CPU)",
         py::arg("gy"), py::arg("x"), py::arg("rowptr"), py::arg("col"), py::arg("w_shape"),
         py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("groups"));

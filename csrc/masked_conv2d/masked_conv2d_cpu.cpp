@@ -79,7 +79,7 @@ inline void flat_tile_n(int nv, const T* xb, const int32_t* off, const T* vals, 
 // (no padding columns computed, no staging copy).
 template <typename T, int VB, int NCV, int NR>
 inline void rows_tile(const T* xb, int64_t Wp, const int32_t* off, const T* vals, int64_t nk,
-                      T b0, T* yb, int64_t OW) {
+                      T b0, bool relu, T* yb, int64_t OW) {
   typedef T V __attribute__((vector_size(VB)));
   constexpr int VL = VB / sizeof(T);
   V acc[NR][NCV];
@@ -98,17 +98,21 @@ inline void rows_tile(const T* xb, int64_t Wp, const int32_t* off, const T* vals
       }
     }
   }
+  if (relu)  // max(acc, 0) that keeps NaN, as torch's relu does
+    for (int r = 0; r < NR; ++r)
+      for (int j = 0; j < NCV; ++j) acc[r][j] = acc[r][j] < V{} ? V{} : acc[r][j];
   for (int r = 0; r < NR; ++r)
     for (int j = 0; j < NCV; ++j) __builtin_memcpy(yb + r * OW + j * VL, &acc[r][j], sizeof(V));
 }
 
 template <typename T, int VB, int NCV, int NR = 8 / NCV>
 inline void rows_tile_n(int nr, const T* xb, int64_t Wp, const int32_t* off, const T* vals,
-                        int64_t nk, T b0, T* yb, int64_t OW) {
+                        int64_t nk, T b0, bool relu, T* yb, int64_t OW) {
   if constexpr (NR > 1) {
-    if (nr < NR) return rows_tile_n<T, VB, NCV, NR - 1>(nr, xb, Wp, off, vals, nk, b0, yb, OW);
+    if (nr < NR)
+      return rows_tile_n<T, VB, NCV, NR - 1>(nr, xb, Wp, off, vals, nk, b0, relu, yb, OW);
   }
-  rows_tile<T, VB, NCV, NR>(xb, Wp, off, vals, nk, b0, yb, OW);
+  rows_tile<T, VB, NCV, NR>(xb, Wp, off, vals, nk, b0, relu, yb, OW);
 }
 
 // The input of one image as the kernels read it: each channel split into sh x sw phase
@@ -152,10 +156,14 @@ FlatPlan<T> flat_plan(const Geom& g, const int64_t* rowptr, const I* col) {
 }
 
 // Writes image n of x into buf's phase planes, at the positions that fall inside the
-// image; the others (padding) are zero from the buffer's first fill and stay so.
+// image; the others (padding) are zero from the buffer's first fill and stay so. With a
+// gate (x's shape), a value is read as 0 where the gate is <= 0: the backward of a ReLU
+// whose output is the gate, as torch's threshold_backward computes it.
 template <typename T>
-inline void pad_image(const Geom& g, const FlatPlan<T>& f, const T* x, int64_t n, T* buf) {
+inline void pad_image(const Geom& g, const FlatPlan<T>& f, const T* x, const T* gate, int64_t n,
+                      T* buf) {
   const T* xi = x + n * g.C * g.H * g.W;
+  const T* gi = gate ? gate + n * g.C * g.H * g.W : nullptr;
   for (int64_t ry = 0; ry < g.sh; ++ry) {
     for (int64_t rx = 0; rx < g.sw; ++rx) {
       // Columns j whose source column sw*j + rx - pw lies in [0, W).
@@ -169,7 +177,11 @@ inline void pad_image(const Geom& g, const FlatPlan<T>& f, const T* x, int64_t n
           if (h < 0 || h >= g.H) continue;
           const T* src = xi + (c * g.H + h) * g.W + rx - g.pw;
           T* dst = ph + i * f.Wq;
-          if (g.sw == 1) {
+          if (gi) {  // only the stride-1 input gradient passes a gate
+            const T* gs = gi + (c * g.H + h) * g.W + rx - g.pw;
+#pragma omp simd
+            for (int64_t j = j0; j < j1; ++j) dst[j] = gs[j] <= T(0) ? T(0) : src[j];
+          } else if (g.sw == 1) {
 #pragma omp simd
             for (int64_t j = j0; j < j1; ++j) dst[j] = src[j];
           } else {
@@ -185,7 +197,8 @@ inline void pad_image(const Geom& g, const FlatPlan<T>& f, const T* x, int64_t n
 // sizeof(T)) == 0), NCV vectors across.
 template <typename T, int VB, int NCV>
 void rows_image(const Geom& g, const FlatPlan<T>& f, const T* buf, int64_t n, int64_t oc0,
-                int64_t oc1, const int64_t* rowptr, const T* val, const T* bias, T* y) {
+                int64_t oc1, const int64_t* rowptr, const T* val, const T* bias, bool relu,
+                T* y) {
   constexpr int VL = VB / sizeof(T), NR = 8 / NCV;
   const int64_t Cg = g.C / g.G, OCg = g.OC / g.G, P = g.OH * g.OW;
   for (int64_t r0 = 0; r0 < g.OH; r0 += NR) {
@@ -195,8 +208,8 @@ void rows_image(const Geom& g, const FlatPlan<T>& f, const T* buf, int64_t n, in
         const int64_t k0 = rowptr[oc];
         const T* xb = buf + (oc / OCg) * Cg * f.chan + r0 * f.Wq + c0;
         rows_tile_n<T, VB, NCV>(nr, xb, f.Wq, f.off.data() + k0, val + k0, rowptr[oc + 1] - k0,
-                                bias ? bias[oc] : T(0), y + (n * g.OC + oc) * P + r0 * g.OW + c0,
-                                g.OW);
+                                bias ? bias[oc] : T(0), relu,
+                                y + (n * g.OC + oc) * P + r0 * g.OW + c0, g.OW);
       }
     }
   }
@@ -205,7 +218,8 @@ void rows_image(const Geom& g, const FlatPlan<T>& f, const T* buf, int64_t n, in
 // Output channels [oc0, oc1) of image n from its padded copy buf, by flat tiles (any OW).
 template <typename T>
 void flat_image(const Geom& g, const FlatPlan<T>& f, const T* buf, int64_t n, int64_t oc0,
-                int64_t oc1, const int64_t* rowptr, const T* val, const T* bias, T* y) {
+                int64_t oc1, const int64_t* rowptr, const T* val, const T* bias, bool relu,
+                T* y) {
   const int64_t Cg = g.C / g.G, OCg = g.OC / g.G, P = g.OH * g.OW;
   alignas(64) T out[kMaxNV * 64 / sizeof(T)];
   for (int64_t t0 = 0; t0 < f.Lf; t0 += f.tile) {
@@ -225,7 +239,10 @@ void flat_image(const Geom& g, const FlatPlan<T>& f, const T* buf, int64_t n, in
       for (int64_t r = r0; r <= r1; ++r) {
         const int64_t a = std::max<int64_t>(r * f.Wq, t0);
         const int64_t b = std::min<int64_t>(r * f.Wq + g.OW, t0 + len);
-        for (int64_t i = a; i < b; ++i) yp[r * g.OW + (i - r * f.Wq)] = out[i - t0];
+        for (int64_t i = a; i < b; ++i) {
+          const T v = out[i - t0];
+          yp[r * g.OW + (i - r * f.Wq)] = (relu && v < T(0)) ? T(0) : v;
+        }
       }
     }
   }
@@ -241,12 +258,12 @@ inline int row_vectors(int64_t OW, int64_t VL) {
 template <typename T, int VB>
 bool rows_dispatch(int ncv, const Geom& g, const FlatPlan<T>& f, const T* buf, int64_t n,
                    int64_t oc0, int64_t oc1, const int64_t* rowptr, const T* val, const T* bias,
-                   T* y) {
+                   bool relu, T* y) {
   switch (ncv) {
-    case 1: rows_image<T, VB, 1>(g, f, buf, n, oc0, oc1, rowptr, val, bias, y); return true;
-    case 2: rows_image<T, VB, 2>(g, f, buf, n, oc0, oc1, rowptr, val, bias, y); return true;
-    case 4: rows_image<T, VB, 4>(g, f, buf, n, oc0, oc1, rowptr, val, bias, y); return true;
-    case 8: rows_image<T, VB, 8>(g, f, buf, n, oc0, oc1, rowptr, val, bias, y); return true;
+    case 1: rows_image<T, VB, 1>(g, f, buf, n, oc0, oc1, rowptr, val, bias, relu, y); return true;
+    case 2: rows_image<T, VB, 2>(g, f, buf, n, oc0, oc1, rowptr, val, bias, relu, y); return true;
+    case 4: rows_image<T, VB, 4>(g, f, buf, n, oc0, oc1, rowptr, val, bias, relu, y); return true;
+    case 8: rows_image<T, VB, 8>(g, f, buf, n, oc0, oc1, rowptr, val, bias, relu, y); return true;
     default: return false;
   }
 }
@@ -254,22 +271,23 @@ bool rows_dispatch(int ncv, const Geom& g, const FlatPlan<T>& f, const T* buf, i
 // Row tiles of full vectors where OW allows (half-width vectors next), else flat tiles.
 template <typename T>
 void image_conv(const Geom& g, const FlatPlan<T>& f, const T* buf, int64_t n, int64_t oc0,
-                int64_t oc1, const int64_t* rowptr, const T* val, const T* bias, T* y) {
+                int64_t oc1, const int64_t* rowptr, const T* val, const T* bias, bool relu,
+                T* y) {
   constexpr int64_t VL = kVecBytes / sizeof(T);
   if (rows_dispatch<T, kVecBytes>(row_vectors(g.OW, VL), g, f, buf, n, oc0, oc1, rowptr, val,
-                                  bias, y))
+                                  bias, relu, y))
     return;
   if constexpr (kVecBytes > 32) {
     if (rows_dispatch<T, 32>(row_vectors(g.OW, 32 / sizeof(T)), g, f, buf, n, oc0, oc1, rowptr,
-                             val, bias, y))
+                             val, bias, relu, y))
       return;
   }
-  flat_image(g, f, buf, n, oc0, oc1, rowptr, val, bias, y);
+  flat_image(g, f, buf, n, oc0, oc1, rowptr, val, bias, relu, y);
 }
 
 template <typename T, typename I>
-void conv_forward_tiled(const Geom& g, const T* x, const int64_t* rowptr, const I* col,
-                     const T* val, const T* bias, T* y) {
+void conv_forward_tiled(const Geom& g, const T* x, const T* gate, const int64_t* rowptr,
+                        const I* col, const T* val, const T* bias, bool relu, T* y) {
   const FlatPlan<T> f = flat_plan<T>(g, rowptr, col);
   // A tile may read up to one tile past the last plane: the slack keeps that in bounds.
   const size_t buflen = static_cast<size_t>(g.C * f.chan + f.tile);
@@ -280,8 +298,8 @@ void conv_forward_tiled(const Geom& g, const T* x, const int64_t* rowptr, const 
       std::vector<T> buf(buflen, T(0));
 #pragma omp for schedule(dynamic, 1)
       for (int64_t n = 0; n < g.N; ++n) {
-        pad_image(g, f, x, n, buf.data());
-        image_conv(g, f, buf.data(), n, 0, g.OC, rowptr, val, bias, y);
+        pad_image(g, f, x, gate, n, buf.data());
+        image_conv(g, f, buf.data(), n, 0, g.OC, rowptr, val, bias, relu, y);
       }
     }
     return;
@@ -289,10 +307,11 @@ void conv_forward_tiled(const Geom& g, const T* x, const int64_t* rowptr, const 
   std::vector<T> buf(buflen, T(0));  // fewer images than threads: split the channels
   const int64_t chunk = std::max<int64_t>(1, (g.OC + 4 * nt - 1) / (4 * nt));
   for (int64_t n = 0; n < g.N; ++n) {
-    pad_image(g, f, x, n, buf.data());
+    pad_image(g, f, x, gate, n, buf.data());
 #pragma omp parallel for schedule(dynamic, 1)
     for (int64_t oc0 = 0; oc0 < g.OC; oc0 += chunk)
-      image_conv(g, f, buf.data(), n, oc0, std::min(g.OC, oc0 + chunk), rowptr, val, bias, y);
+      image_conv(g, f, buf.data(), n, oc0, std::min(g.OC, oc0 + chunk), rowptr, val, bias, relu,
+                 y);
   }
 }
 
@@ -301,8 +320,8 @@ void conv_forward_tiled(const Geom& g, const T* x, const int64_t* rowptr, const 
 // channels) is rebuilt here per call by a counting sort, O(nnz), so no transposed copy of
 // the weight is cached between calls. Entries of a row come out sorted by their code.
 template <typename T, typename I>
-void conv_grad_input_s1(const Geom& g, const T* gy, const int64_t* rowptr, const I* col,
-                        const T* val, T* gx) {
+void conv_grad_input_s1(const Geom& g, const T* gy, const T* gate, const int64_t* rowptr,
+                        const I* col, const T* val, T* gx) {
   const int64_t Cg = g.C / g.G, OCg = g.OC / g.G, KK = g.KH * g.KW, nnz = rowptr[g.OC];
   std::vector<int64_t> rpT(static_cast<size_t>(g.C + 1), 0);
   for (int64_t oc = 0; oc < g.OC; ++oc)
@@ -326,7 +345,8 @@ void conv_grad_input_s1(const Geom& g, const T* gy, const int64_t* rowptr, const
   t.sh = t.sw = 1;
   t.ph = g.dh * (g.KH - 1) - g.ph;
   t.pw = g.dw * (g.KW - 1) - g.pw;
-  conv_forward_tiled<T, int32_t>(t, gy, rpT.data(), colT.data(), valT.data(), nullptr, gx);
+  conv_forward_tiled<T, int32_t>(t, gy, gate, rpT.data(), colT.data(), valT.data(), nullptr,
+                                 false, gx);
 }
 
 template <typename T, typename I>
@@ -418,10 +438,10 @@ void conv_grad_weight(const Geom& g, const T* gy, const T* x, const int64_t* row
 }
 
 #define SAF_INSTANTIATE(T, I)                                                              \
-  template void conv_forward_tiled<T, I>(const Geom&, const T*, const int64_t*, const I*,     \
-                                      const T*, const T*, T*);                             \
-  template void conv_grad_input_s1<T, I>(const Geom&, const T*, const int64_t*, const I*,  \
-                                         const T*, T*);                                    \
+  template void conv_forward_tiled<T, I>(const Geom&, const T*, const T*, const int64_t*,  \
+                                         const I*, const T*, const T*, bool, T*);           \
+  template void conv_grad_input_s1<T, I>(const Geom&, const T*, const T*, const int64_t*,  \
+                                         const I*, const T*, T*);                          \
   template void conv_grad_input<T, I>(const Geom&, const T*, const int64_t*, const I*,     \
                                       const T*, T*);                                       \
   template void conv_grad_weight<T, I>(const Geom&, const T*, const T*, const int64_t*,    \

@@ -33,17 +33,22 @@ from ..ops import _cache
 
 
 class _FoldedConv(nn.Module):
-    """``conv`` followed by the batch norm folded into it; weights set per attack."""
+    """``conv`` followed by the batch norm folded into it (if any) and by a ReLU (if
+    ``relu``, masked convs only: the sparse kernels fuse it); weights set per attack."""
 
-    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> None:
         super().__init__()
         self.conv, self.bn = [conv], [bn]  # lists: not registered as submodules
+        self.relu = False
         self.weight: Tensor | None = None
         self.bias: Tensor | None = None
 
     def refresh(self) -> list[Tensor]:
         """Fold the current weights and statistics; returns the new tensors."""
         conv, bn = self.conv[0], self.bn[0]
+        if bn is None:  # the conv's own parameters, frozen by the attack itself
+            self.weight, self.bias = conv.weight, conv.bias
+            return []
         with torch.no_grad():
             scale = bn.weight if bn.affine else torch.ones_like(bn.running_var)
             scale = scale / torch.sqrt(bn.running_var + bn.eps)
@@ -60,7 +65,10 @@ class _FoldedConv(nn.Module):
         conv = self.conv[0]
         args = (conv.stride, conv.padding, conv.dilation, conv.groups)
         if isinstance(conv, _MaskedMixin):
-            return SF.masked_conv2d(x, self.weight, conv.weight_mask, self.bias, *args)
+            if self.bn[0] is None:
+                conv._masked_inputs()  # the layer's own bookkeeping (in-place masked weight)
+            fn = SF.masked_conv2d_relu if self.relu else SF.masked_conv2d
+            return fn(x, self.weight, conv.weight_mask, self.bias, *args)
         return F.conv2d(x, self.weight, self.bias, *args)
 
 
@@ -81,6 +89,27 @@ def _foldable_conv(m: nn.Module) -> bool:
             and not (m._forward_hooks or m._forward_pre_hooks))
 
 
+def _fusable_conv(m: nn.Module) -> bool:
+    return isinstance(m, _MaskedMixin) and _foldable_conv(m)
+
+
+_RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, F.relu_)
+
+
+def _relu_input(node: fx.Node, mods: dict[str, nn.Module]) -> fx.Node | None:
+    """The input of ``node`` when it is a plain ReLU (module, function or method), else None."""
+    if node.op == "call_module":
+        m = mods.get(node.target)
+        ok = type(m) is nn.ReLU and not (m._forward_hooks or m._forward_pre_hooks)
+    elif node.op == "call_function":
+        ok = node.target in _RELU_FUNCTIONS and set(node.kwargs) <= {"inplace"}
+    else:
+        ok = node.op == "call_method" and node.target in ("relu", "relu_") and not node.kwargs
+    if not ok or len(node.args) != 1 or not isinstance(node.args[0], fx.Node):
+        return None
+    return node.args[0]
+
+
 class _Plan:
     """The folded module of one model and the module identities it was built from."""
 
@@ -91,7 +120,8 @@ class _Plan:
         if model._forward_hooks or model._forward_pre_hooks:  # the graph would skip them
             return
         mods = list(model.modules())
-        if not (any(map(_foldable_bn, mods)) and any(map(_foldable_conv, mods))):
+        if not ((any(map(_foldable_bn, mods)) and any(map(_foldable_conv, mods)))
+                or any(map(_fusable_conv, mods))):
             return  # nothing to fold: the forward is not traced (it may have side effects)
         try:
             graph = _Tracer().trace(model)
@@ -115,9 +145,37 @@ class _Plan:
             gm.graph.erase_node(node)
             gm.graph.erase_node(src)
             self.folds.append(fold)
+        self._fuse_relus(gm)
         if self.folds:
             gm.recompile()
             self.module = gm
+
+
+    def _fuse_relus(self, gm: fx.GraphModule) -> None:
+        """Fold each ReLU whose input is a masked conv (folded or not) used by it alone."""
+        mods = dict(gm.named_modules())
+        for node in list(gm.graph.nodes):
+            src = _relu_input(node, mods)
+            if src is None or src.op != "call_module" or len(src.users) != 1:
+                continue
+            m = mods.get(src.target)
+            if isinstance(m, _FoldedConv) and isinstance(m.conv[0], _MaskedMixin):
+                fold = m
+            elif _fusable_conv(m):
+                fold = _FoldedConv(m, None)
+                name = f"_saf_folded_{len(self.folds)}"
+                gm.add_submodule(name, fold)
+                with gm.graph.inserting_after(src):
+                    new = gm.graph.call_module(name, src.args, src.kwargs)
+                src.replace_all_uses_with(new)
+                gm.graph.erase_node(src)
+                self.folds.append(fold)
+                src = new
+            else:
+                continue
+            fold.relu = True
+            node.replace_all_uses_with(src)
+            gm.graph.erase_node(node)
 
 
 def _signature(model: nn.Module) -> tuple:

@@ -186,9 +186,12 @@ def dense_linear_grad_weight(gy2d: Tensor, x2d: Tensor, mask: Tensor) -> Tensor:
 
 
 def sparse_conv_forward(ext: ModuleType, x: Tensor, w: Tensor, mask: Tensor, b: Tensor | None,
-                        conv: Conv) -> Tensor:
-    """``conv2d(x, w ⊙ mask, b, *conv)`` by the direct sparse kernel over the cached CSR."""
+                        conv: Conv, relu: bool = False) -> Tensor:
+    """``conv2d(x, w ⊙ mask, b, *conv)`` by the direct sparse kernel over the cached CSR;
+    ``relu`` applies a ReLU as the tiles are stored."""
     rowptr, col, val = csr(w, mask, index_dtype(mask[0].numel()))
+    if relu:
+        return ext.conv_forward(x, rowptr, col, val, list(w.shape), b, *conv, relu=True)
     return ext.conv_forward(x, rowptr, col, val, list(w.shape), b, *conv)
 
 
@@ -200,20 +203,24 @@ def dense_conv_forward(x: Tensor, w: Tensor, mask: Tensor, b: Tensor | None,
 
 
 def sparse_conv_grad_input(ext: ModuleType, gy: Tensor, x: Tensor, w: Tensor, mask: Tensor,
-                           conv: Conv) -> Tensor:
+                           conv: Conv, gate: Tensor | None = None) -> Tensor:
     """Input gradient by the direct sparse kernel (``x`` gives the shape).
 
     Stride 1 (every 3x3 / 1x1 body conv): a plain convolution of gy with the flipped,
     transposed weight, whose CSR the extension derives per call from the forward one, so no
     transposed copy is cached. Other strides scatter through a cached transposed CSR.
+    ``gate`` (the output of a ReLU applied to this convolution) first passes ``gy`` back
+    through that ReLU; the stride-1 kernel does it while it pads ``gy``.
     """
     stride, padding, dilation, groups = conv
     oc, cg, kh, kw = w.shape
-    if list(stride) == [1, 1] and hasattr(ext, "conv_grad_input_s1") and (
+    if list(stride) == [1, 1] and (
             dilation[0] * (kh - 1) >= padding[0] and dilation[1] * (kw - 1) >= padding[1]):
         rowptr, col, val = csr(w, mask, index_dtype(mask[0].numel()))
         return ext.conv_grad_input_s1(gy, list(x.shape), rowptr, col, val, list(w.shape),
-                                      list(padding), list(dilation), groups)
+                                      list(padding), list(dilation), groups, gate)
+    if gate is not None:
+        gy = torch.ops.aten.threshold_backward(gy, gate, 0)
     index = index_dtype((oc // groups) * kh * kw)  # transposed row length
     rowptr, col, val = csr_t(w, mask, groups, index=index)
     return ext.conv_grad_input(gy, list(x.shape), rowptr, col, val, list(w.shape), *conv)
@@ -281,6 +288,21 @@ class Conv2dOps:
         """Gradient of the convolution w.r.t. its input (``x`` gives the shape)."""
         if _use_sparse(gy, mask, CONV_SPARSE_DENSITY):
             return sparse_conv_grad_input(self._ext, gy, x, w, mask, conv)
+        return dense_conv_grad_input(gy, x, w, mask, conv)
+
+    def forward_relu(self, x: Tensor, w: Tensor, mask: Tensor, b: Tensor | None,
+                     conv: Conv) -> Tensor:
+        """``relu(conv2d(x, w ⊙ mask, b, *conv))``, fused on the sparse path."""
+        if _use_sparse(x, mask, CONV_SPARSE_DENSITY):
+            return sparse_conv_forward(self._ext, x, w, mask, b, conv, relu=True)
+        return torch.relu(dense_conv_forward(x, w, mask, b, conv))
+
+    def grad_input_relu(self, gy: Tensor, y: Tensor, x: Tensor, w: Tensor, mask: Tensor,
+                        conv: Conv) -> Tensor:
+        """Input gradient of :meth:`forward_relu` (``y`` its output), fused when sparse."""
+        if _use_sparse(gy, mask, CONV_SPARSE_DENSITY):
+            return sparse_conv_grad_input(self._ext, gy, x, w, mask, conv, gate=y)
+        gy = torch.ops.aten.threshold_backward(gy, y, 0)
         return dense_conv_grad_input(gy, x, w, mask, conv)
 
     def grad_weight(self, gy: Tensor, x: Tensor, mask: Tensor, conv: Conv) -> Tensor:

@@ -108,6 +108,21 @@ class SparseConv2d:
         _check_sparse(gy, mask)
         return sparse_conv_grad_input(self._ext, gy, x, w, mask, conv)
 
+    # Fused with a following ReLU, for the attack path (ops._direct.run_relu).
+    def forward_relu(self, x: Tensor, w: Tensor, mask: Tensor, b: Tensor | None,
+                     conv: Conv) -> Tensor:
+        from ._cpp_ops import sparse_conv_forward
+
+        _check_sparse(x, mask)
+        return sparse_conv_forward(self._ext, x, w, mask, b, conv, relu=True)
+
+    def grad_input_relu(self, gy: Tensor, y: Tensor, x: Tensor, w: Tensor, mask: Tensor,
+                        conv: Conv) -> Tensor:
+        from ._cpp_ops import sparse_conv_grad_input
+
+        _check_sparse(gy, mask)
+        return sparse_conv_grad_input(self._ext, gy, x, w, mask, conv, gate=y)
+
     def grad_weight(self, gy: Tensor, x: Tensor, mask: Tensor, conv: Conv) -> Tensor:
         from ._cpp_ops import sparse_conv_grad_weight
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from .masked_conv2d import masked_conv2d
+from .masked_conv2d import masked_conv2d, masked_conv2d_relu
 from .masked_linear import masked_linear
 from .pgd_step import pgd_step, pgd_step_, random_start
 
@@ -19,4 +19,7 @@ def op_module(name: str) -> ModuleType:
     return importlib.import_module(f"{__name__}.{name}")
 
 
-__all__ = ["masked_conv2d", "masked_linear", "op_module", "pgd_step", "pgd_step_", "random_start"]
+__all__ = [
+    "masked_conv2d", "masked_conv2d_relu", "masked_linear",
+    "op_module", "pgd_step", "pgd_step_", "random_start",
+]

@@ -54,6 +54,47 @@ def run(ns: object, reference: object, forward_args: tuple,
     return _Frozen.apply(x, fns[0], fns[1], forward_args, grad_input_args[1:])
 
 
+def run_relu(ns: object, forward_args: tuple, grad_input_args: tuple) -> Tensor | None:
+    """``relu`` of the op's output, fused into the picked implementations where they offer
+    it (``forward_relu`` / ``grad_input_relu`` next to ``forward`` / ``grad_input``: the
+    sparse kernels clamp as they store and gate the output gradient as they read it); None
+    where they do not, or while a choice is still to be made (the caller then applies the
+    ReLU to the unfused op)."""
+    x = forward_args[0]
+    calls = [("forward", forward_args)]
+    if x.requires_grad:
+        calls.append(("grad_input", grad_input_args))
+    fns = backends.remembered(ns, calls)
+    if fns is None:
+        return None
+    fused = [getattr(getattr(f, "__self__", None), f"{d}_relu", None)
+             for f, (d, _) in zip(fns, calls, strict=True)]
+    if any(f is None for f in fused):
+        return None
+    if len(fused) == 1:
+        return fresh(fused[0](*forward_args))
+    return _FrozenReLU.apply(x, fused[0], fused[1], forward_args, grad_input_args[1:])
+
+
+class _FrozenReLU(torch.autograd.Function):
+    """``relu(op(x))`` with frozen weights by fused functions; the backward gates the
+    output gradient by the saved output, as ReLU's own backward does."""
+
+    @staticmethod
+    def forward(ctx, x, forward_fn, grad_input_fn, forward_args, grad_input_rest):
+        ctx.grad_input_fn, ctx.rest = grad_input_fn, grad_input_rest
+        y = fresh(forward_fn(*forward_args))
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy):
+        (y,) = ctx.saved_tensors
+        gx = fresh(ctx.grad_input_fn(gy.contiguous(), y, *ctx.rest))
+        return gx, None, None, None, None
+
+
 class _Frozen(torch.autograd.Function):
     """Forward and input gradient of a masked op with frozen weights, by given functions."""
 

@@ -158,6 +158,32 @@ def _pair(v: int | tuple[int, ...] | list[int], name: str) -> list[int]:
     return out
 
 
+def _checked(x: Tensor, w: Tensor, mask: Tensor, b: Tensor | None, stride, padding, dilation,
+             groups: int) -> Conv:
+    if x.dim() != 4:
+        raise ValueError(f"masked_conv2d: x must be 4-D (N, C, H, W), got {tuple(x.shape)}")
+    if isinstance(padding, str):
+        raise ValueError("masked_conv2d: string padding is not supported; pass ints")
+    check_masked_weight(x, w, mask, b, in_dim=1, w_in_dim=1, op=OP, groups=groups)
+    return (_pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation"),
+            int(groups))
+
+
+def masked_conv2d_relu(
+    x: Tensor, w: Tensor, mask: Tensor, b: Tensor | None = None, stride=1, padding=0,
+    dilation=1, groups: int = 1,
+) -> Tensor:
+    """``relu(masked_conv2d(...))``. In an attack's frozen scope, where the sparse kernels
+    run this convolution, the ReLU is fused into them (clamped as the output is stored,
+    the output gradient gated as it is read); elsewhere it is the two ops."""
+    conv = _checked(x, w, mask, b, stride, padding, dilation, groups)
+    if _direct.frozen_weights(w, b):
+        y = _direct.run_relu(_impl(x.device), (x, w, mask, b, conv), (None, x, w, mask, conv))
+        if y is not None:
+            return y
+    return torch.relu(masked_conv2d(x, w, mask, b, *conv))
+
+
 def masked_conv2d(
     x: Tensor, w: Tensor, mask: Tensor, b: Tensor | None = None, stride=1, padding=0,
     dilation=1, groups: int = 1,
@@ -167,13 +193,7 @@ def masked_conv2d(
     ``padding`` takes ints or pairs (not the string forms). Gradients flow to ``x``,
     ``w`` and ``b``; ``grad_w`` is exactly zero where ``mask`` is False.
     """
-    if x.dim() != 4:
-        raise ValueError(f"masked_conv2d: x must be 4-D (N, C, H, W), got {tuple(x.shape)}")
-    if isinstance(padding, str):
-        raise ValueError("masked_conv2d: string padding is not supported; pass ints")
-    check_masked_weight(x, w, mask, b, in_dim=1, w_in_dim=1, op=OP, groups=groups)
-    conv = (_pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation"),
-            int(groups))
+    conv = _checked(x, w, mask, b, stride, padding, dilation, groups)
     if _direct.frozen_weights(w, b):
         y = _direct.run(_impl(x.device), _REF, (x, w, mask, b, conv), (None, x, w, mask, conv))
         if y is not None:
