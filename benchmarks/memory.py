@@ -3,7 +3,8 @@
 Reports, per layer, the bytes held by parameters + buffers, the derived tensors a layer
 keeps between steps (torch.prune's recomputed ``weight`` attribute; this library's cached
 forms in ``ops._cache``: the masked weight copy or the CSR of the sparse path), and the
-extra bytes per weight over the dense layer. Run: ``python benchmarks/memory.py``.
+extra bytes per weight over the dense layer, with the bool mask and with the bit-packed one
+(``pack_mask_``). Run: ``python benchmarks/memory.py``.
 """
 
 from __future__ import annotations
@@ -67,14 +68,18 @@ def measure(kind: str, sparsity: float, backend: str) -> list[tuple[str, int, in
     st = _state_bytes(pruned)
     rows.append(("torch.prune", st, held, (st + held - base) / nw))
 
-    _cache.clear()
-    masked = make_masked()
-    masked.set_mask(mask)
-    with backends.using(backend):
-        masked(x.requires_grad_()).sum().backward()
-    held = _cache_bytes()
-    st = _state_bytes(masked)
-    rows.append((f"masked ({backend})", st, held, (st + held - base) / nw))
+    for packed in (False, True):
+        _cache.clear()
+        masked = make_masked()
+        masked.set_mask(mask)
+        if packed:
+            masked.pack_mask_()
+        with backends.using(backend):
+            masked(x.clone().requires_grad_()).sum().backward()
+        held = _cache_bytes()
+        st = _state_bytes(masked)
+        name = f"masked ({backend}{', packed mask' if packed else ''})"
+        rows.append((name, st, held, (st + held - base) / nw))
     _cache.clear()
     return rows
 

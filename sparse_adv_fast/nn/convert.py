@@ -83,6 +83,17 @@ def masks(model: nn.Module) -> dict[str, Tensor]:
     return {n: m.weight_mask.detach().clone() for n, m in masked_layers(model).items()}
 
 
+def pack_masks(model: nn.Module, packed: bool = True) -> nn.Module:
+    """Hold every masked layer's mask bit-packed (1 bit per weight; ``packed=False``: back to
+    bool buffers). Returns ``model``. See ``MaskedLinear.pack_mask_``."""
+    layers = masked_layers(model)
+    if not layers:
+        raise ValueError("pack_masks: the model has no masked layer; call sparsify(model) first")
+    for m in layers.values():
+        m.pack_mask_() if packed else m.unpack_mask_()
+    return model
+
+
 def apply_masks(model: nn.Module, masks: dict[str, Tensor]) -> nn.Module:
     """Set the masks named in ``masks`` (all checked before any is applied)."""
     layers = masked_layers(model)

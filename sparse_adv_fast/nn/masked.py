@@ -1,7 +1,9 @@
 """Drop-in masked layers: ``MaskedLinear`` and ``MaskedConv2d``.
 
 Each is a subclass of its torch layer with the same ``weight`` / ``bias`` parameters and
-one extra bool buffer ``weight_mask`` (1 byte per weight). Invariants:
+one extra bool buffer ``weight_mask`` (1 byte per weight), or, after :meth:`pack_mask_`,
+a bit-packed uint8 buffer ``weight_mask_bits`` (1 bit per weight; ``weight_mask`` then
+reads as the bool mask, unpacked when it is used). Invariants:
 
 * the forward computes with ``weight * mask`` of the weight as written, however it was
   written (``.data`` writes included; see :mod:`sparse_adv_fast.ops._cache`);
@@ -11,7 +13,9 @@ one extra bool buffer ``weight_mask`` (1 byte per weight). Invariants:
   on the dense paths (which use the stored weight itself as the masked weight);
 * the weight gradient is exactly zero where the mask is False (masked in the kernel);
 * ``state_dict`` / ``deepcopy`` / pickle / ``.to()`` carry the mask like any buffer; a
-  dense state_dict without mask keys loads strictly and keeps the current mask.
+  dense state_dict without mask keys loads strictly and keeps the current mask. A packed
+  layer's state_dict holds the bool ``weight_mask`` too, so packed and unpacked models
+  load each other's checkpoints.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from .. import functional as SF
 from ..ops import _cache
 from ..ops._checks import check_mask
+from . import _bitmask
 
 # id(weight) -> layer, for the optimizer post-step hook (verified by identity on use).
 _LAYERS: dict[int, weakref.ref] = {}
@@ -64,7 +69,6 @@ class _MaskedMixin:
     """Mask state and the zero-weight invariant shared by the masked layers."""
 
     weight: nn.Parameter
-    weight_mask: Tensor
     _dense_cls: type[nn.Module]
     # The weight this layer gave away with to_dense(): never written by this layer again.
     _released: Tensor | None = None
@@ -75,37 +79,89 @@ class _MaskedMixin:
         self._released = None
         _track(self)
 
+    # -- the mask, bool or packed -----------------------------------------------------
+    @property
+    def weight_mask(self) -> Tensor:
+        """The bool mask (weight's shape). Packed layers unpack it on each read, except
+        within an attack's frozen scope, where one unpacked copy serves the whole attack
+        and is dropped when it ends."""
+        m = self._buffers.get("weight_mask")
+        if m is not None:
+            return m
+        bits = self._buffers.get("weight_mask_bits")
+        if bits is None:  # not built yet (register_buffer checks the name is free)
+            raise AttributeError("weight_mask")
+        w = self.weight
+        key = (bits.data_ptr(), bits._version, tuple(w.shape))
+        return _cache.scoped(w, "unpacked_mask", key, lambda: _unpacked(bits, w.shape))
+
+    @weight_mask.setter
+    def weight_mask(self, mask: Tensor) -> None:  # only packed layers get here
+        self.set_mask(mask)
+
+    @property
+    def mask_packed(self) -> bool:
+        """Whether the mask is held bit-packed (see :meth:`pack_mask_`)."""
+        return "weight_mask_bits" in self._buffers
+
+    def pack_mask_(self):
+        """Hold the mask bit-packed: 1 bit per weight instead of 1 byte. Returns the layer.
+
+        The forward then unpacks it per call (a pass over ``numel / 8`` bytes; an attack
+        unpacks it once), and the masked weight and sparse forms work as before. Where
+        memory is tight (large models, half-precision weights, many models held at once).
+        """
+        if not self.mask_packed:
+            mask = self._buffers.pop("weight_mask")
+            self.register_buffer("weight_mask_bits", _bitmask.pack(mask), persistent=False)
+        return self
+
+    def unpack_mask_(self):
+        """Hold the mask as a bool buffer again (the default). Returns the layer."""
+        if self.mask_packed:
+            mask = self.weight_mask
+            del self._buffers["weight_mask_bits"]
+            self._non_persistent_buffers_set.discard("weight_mask_bits")
+            self.register_buffer("weight_mask", mask)
+        return self
+
     # -- invariant ------------------------------------------------------------------
     def _owns(self, w: Tensor) -> bool:
         return self.weight is w and self._released is not w
 
-    def _claim(self) -> bool:
-        """Register the current weight and mask with the hook and the cache (cheap when
-        already done; the weight or mask may have been replaced since). False when the
-        weight was given away."""
+    def _claim(self, mask: Tensor) -> bool:
+        """Register the current weight and ``mask`` (this layer's, as read now) with the
+        hook and the cache (cheap when already done; the weight or mask may have been
+        replaced since). False when the weight was given away."""
         w = self.weight
         if self._released is w:
             return False
         _track(self)
-        _cache.own(w, self.weight_mask)
+        _cache.own(w, mask)
         return True
 
     def remask_(self) -> None:
         """Zero the stored weight where the mask is False."""
-        if self._claim():
-            _cache.zero_pruned_(self.weight, self.weight_mask)
+        mask = self.weight_mask
+        if self._claim(mask):
+            _cache.zero_pruned_(self.weight, mask)
 
     def _masked_inputs(self) -> tuple[Tensor, Tensor]:
+        mask = self.weight_mask
         if not torch.compiler.is_compiling():
-            self._claim()
-        return self.weight, self.weight_mask
+            self._claim(mask)
+        return self.weight, mask
 
     # -- mask API -------------------------------------------------------------------
     def set_mask(self, mask: Tensor) -> None:
         """Replace the mask (bool, weight's shape) and zero the newly pruned weights."""
         check_mask(mask, self.weight, type(self).__name__)
         with torch.no_grad():
-            self.weight_mask.copy_(mask.to(self.weight_mask.device))
+            if self.mask_packed:
+                bits = self._buffers["weight_mask_bits"]
+                bits.copy_(_bitmask.pack(mask.to(bits.device)))
+            else:
+                self.weight_mask.copy_(mask.to(self.weight_mask.device))
         self.remask_()
 
     @property
@@ -114,9 +170,15 @@ class _MaskedMixin:
         return float(self.weight_mask.float().mean())
 
     def extra_repr(self) -> str:  # type: ignore[override]
-        return f"{super().extra_repr()}, density={self.density:.4f}"  # type: ignore[misc]
+        packed = ", packed mask" if self.mask_packed else ""
+        return f"{super().extra_repr()}, density={self.density:.4f}{packed}"  # type: ignore[misc]
 
     # -- state ----------------------------------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # type: ignore[misc]
+        if self.mask_packed:  # the same key and bool tensor an unpacked layer saves
+            destination[prefix + "weight_mask"] = self.weight_mask
+
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
         error_msgs,
@@ -128,6 +190,16 @@ class _MaskedMixin:
         key = prefix + "weight_mask"
         if key in missing_keys:  # a dense checkpoint: keep the current mask
             missing_keys.remove(key)
+        if self.mask_packed and key in unexpected_keys:
+            unexpected_keys.remove(key)
+            mask = state_dict[key]
+            if not isinstance(mask, Tensor) or mask.shape != self.weight.shape:
+                error_msgs.append(f"size mismatch for {key}: copying a mask of shape "
+                                  f"{tuple(getattr(mask, 'shape', ()))}, the weight is "
+                                  f"{tuple(self.weight.shape)}")
+                return
+            self.set_mask(mask.bool())
+            return
         self.remask_()
 
     def __setstate__(self, state: dict) -> None:
@@ -172,14 +244,22 @@ class _MaskedMixin:
         return new
 
 
+def _unpacked(bits: Tensor, shape: torch.Size) -> Tensor:
+    mask = _bitmask.unpack(bits, shape)
+    if not torch.compiler.is_compiling():
+        setattr(mask, _cache.SOURCE_ATTR, bits)  # its mask-alone forms are the packed one's
+    return mask
+
+
 def _shell(cls: type, src: nn.Module) -> nn.Module:
     """An instance of ``cls`` sharing ``src``'s parameters, buffers, settings and hooks."""
     new = cls.__new__(cls)
     for k, v in src.__dict__.items():
         if k != "_released":
             new.__dict__[k] = copy.copy(v) if isinstance(v, (dict, set)) else v
-    new._buffers.pop("weight_mask", None)
-    new._non_persistent_buffers_set.discard("weight_mask")
+    for name in ("weight_mask", "weight_mask_bits"):
+        new._buffers.pop(name, None)
+        new._non_persistent_buffers_set.discard(name)
     return new
 
 

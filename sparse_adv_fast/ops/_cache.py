@@ -15,7 +15,8 @@ In both cases a change of the weight's identity, storage (``.data =``, ``.to()``
 ``.half()``), dtype, shape, strides or version, or of the mask's identity, storage or version,
 also invalidates. Forms of a mask alone (``w is mask``: density, CSR pattern, packed bits) are
 keyed by that rule only: masks are written through the layer API or in-place ops, which bump
-the version (a ``mask.data`` write is not seen). Entries die with their weight (weakref), so
+the version (a ``mask.data`` write is not seen); a mask unpacked from a packed one is keyed
+by the packed tensor (:data:`SOURCE_ATTR`). Entries die with their weight (weakref), so
 the cache never keeps memory alive on its own.
 
 A masked layer :func:`own`\\ s its weight: the masked weight is then the stored weight itself,
@@ -39,8 +40,17 @@ _entries: dict[int, _Entry] = {}
 _frozen: dict[int, int] = {}
 # id(weight) -> (weight, mask) weakrefs of the masked layer that owns the weight.
 _owners: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+# id(weight) -> (weight weakref, {kind: (key, value)}): values kept for one frozen scope of
+# the weight (see scoped), dropped when its outermost scope ends.
+_scoped: dict[int, tuple[weakref.ref, dict[str, tuple[Any, Any]]]] = {}
 # device type -> native in-place zeroing kernel registered by a backend (see zero_pruned_).
 _zero_kernels: dict[str, Callable[[Tensor, Tensor], None]] = {}
+
+
+# Attribute of a bool mask unpacked from a bit-packed one (nn.masked), naming the packed
+# tensor: forms of the mask alone are keyed on that, so a fresh unpacked copy per forward
+# does not rebuild them.
+SOURCE_ATTR = "_saf_packed_source"
 
 
 @dataclass
@@ -110,6 +120,10 @@ def get(w: Tensor, mask: Tensor, kind: str, build: Callable[[], Any]) -> Any:
     Callers are backend kernels that run below autograd; the form is built without grad.
     ``w is mask`` names a form of the mask alone.
     """
+    if w is mask:  # an unpacked copy of a packed mask: key its forms on the packed one
+        src = getattr(mask, SOURCE_ATTR, None)
+        if src is not None:
+            w = mask = src
     key = None if torch.compiler.is_compiling() else _key(w, mask)
     if key is None:
         return build()
@@ -124,6 +138,24 @@ def get(w: Tensor, mask: Tensor, kind: str, build: Callable[[], Any]) -> Any:
     with torch.no_grad():  # cached forms feed kernels only; never hold an autograd graph
         val = build()
     e.forms[kind] = val
+    return val
+
+
+def scoped(w: Tensor, kind: str, key: Any, build: Callable[[], Any]) -> Any:
+    """``build()``, kept and reused while ``w`` stays in a :func:`frozen` scope and ``key``
+    is unchanged; built afresh on every call outside one. For attack-time copies a layer
+    derives from its own state (a packed mask's bool form): the attack builds one, nothing
+    holds it afterwards."""
+    if id(w) not in _frozen or torch.compiler.is_compiling():
+        return build()
+    rec = _scoped.get(id(w))
+    if rec is None or rec[0]() is not w:
+        rec = _scoped[id(w)] = (weakref.ref(w), {})
+    hit = rec[1].get(kind)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    val = build()
+    rec[1][kind] = (key, val)
     return val
 
 
@@ -204,7 +236,9 @@ def frozen(weights: nn.Module | Iterable[Tensor]) -> Iterator[None]:
     written then) and reused until exit; an attack's repeated forwards then do no mask work.
     The caller promises not to write the weights through ``.data`` inside the scope (any other
     in-place write, a ``.to()`` or a replacement is still seen). Attack entry points wrap
-    their work in it (their parameters are frozen there anyway). Nesting is safe.
+    their work in it (their parameters are frozen there anyway). Nesting is safe. Forms are
+    dropped again when the outermost scope ends: outside it they would be rebuilt at the
+    next use anyway, so keeping them would only hold memory.
     """
     ts = list(weights.parameters()) if isinstance(weights, nn.Module) else list(weights)
     for t in ts:
@@ -217,8 +251,12 @@ def frozen(weights: nn.Module | Iterable[Tensor]) -> Iterator[None]:
             depth = _frozen.pop(id(t), 1) - 1
             if depth:
                 _frozen[id(t)] = depth
+            else:
+                _drop(t)
+                _scoped.pop(id(t), None)
 
 
 def clear() -> None:
     """Drop every cached form."""
     _entries.clear()
+    _scoped.clear()
