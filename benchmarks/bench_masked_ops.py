@@ -7,6 +7,9 @@ Groups: ``<op> <shape> <step> sparsity=<s>`` with ``step`` one of
 * ``attack`` - forward + backward with a grad for x only (a PGD step on a fixed model,
   inside the frozen-weights scope every ``saf.attacks`` call holds).
 
+``test_masked_conv2d_resnet_shapes`` times the attack step at the four 3x3 conv shapes of
+a full-width CIFAR ResNet-18 (64@32² ... 512@4², batch 32) on 1 and 2 threads.
+
 Entries: ``dense`` (plain ``F.linear``/``F.conv2d`` on an unmasked weight: the baseline),
 ``prune`` (``weight_orig * mask`` recomputed every call, as torch.nn.utils.prune does),
 ``masked-<backend>`` (this library on each available backend) and, for the linear attack
@@ -149,3 +152,39 @@ def test_masked_conv2d(benchmark, sparsity, step, impl):
 
     with _scope(step, impl, w):
         _run(benchmark, group, impl, fn)
+
+
+# The 3x3 body convolutions of a full-width CIFAR ResNet-18 (C -> C at H x W, padding 1).
+RESNET_CONVS = ((64, 32), (128, 16), (256, 8), (512, 4))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("impl", ["dense", *(f"masked-{b}" for b in BACKENDS[1:])])
+@pytest.mark.parametrize("sparsity", (0.9, 0.95))
+@pytest.mark.parametrize("shape", RESNET_CONVS, ids=lambda s: f"{s[0]}at{s[1]}")
+def test_masked_conv2d_resnet_shapes(benchmark, shape, sparsity, impl, threads):
+    """The attack step (forward + grad_x, frozen weights) at each ResNet stage's shape,
+    batch 32, on 1 and 2 threads: the per-layer targets of the sparse conv kernel."""
+    c, hw = shape
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.randn(32, c, hw, hw, device=DEV, requires_grad=True)
+        w = torch.randn(c, c, 3, 3, device=DEV)
+        mask = _mask(w.shape, sparsity)
+        group = (f"masked_conv2d resnet 32x{c}x{hw}x{hw} attack sparsity={sparsity} "
+                 f"threads={threads}")
+        if impl == "dense":
+            fn = lambda: _backward(F.conv2d(x, w, None, 1, 1), [x])  # noqa: E731
+        else:
+            name = impl.removeprefix("masked-")
+            _impl_ready(name)
+
+            def fn():
+                with backends.using(name):
+                    _backward(masked_conv2d(x, w, mask, None, 1, 1), [x])
+
+        with _scope("attack", impl, w):
+            _run(benchmark, group, impl, fn)
+    finally:
+        torch.set_num_threads(prev)

@@ -9,10 +9,13 @@ ResNet-18 they are about a fifth of a PGD step.
 
 What is folded is decided on the traced graph (:mod:`torch.fx`): a conv whose only user is
 an eval-mode BatchNorm2d with running statistics, neither carrying hooks, with zero
-padding. Only a model holding both a conv and such a batch norm is traced (once per
-module tree: tracing runs its forward on proxies), and one that does not trace runs as it
-is. The folded model differs from the
-model only by float rounding (the scaling is applied to the weight instead of the
+padding. A ReLU (module, function or method, no hooks) that alone reads a masked conv's
+output, batch norm folded or not, is folded too: where the sparse kernels run that conv
+they clamp its output as they store it and gate the output gradient as they read it,
+saving the ReLU's two passes over the activation. Only a model holding a conv and such a
+batch norm, or a masked conv, is traced (once per module tree: tracing runs its forward
+on proxies), and one that does not trace runs as it is. The folded model differs from
+the model only by float rounding (the scaling is applied to the weight instead of the
 output); attacks use it for their search, and every caller measures robustness on the
 model itself.
 """
@@ -65,10 +68,10 @@ class _FoldedConv(nn.Module):
         conv = self.conv[0]
         args = (conv.stride, conv.padding, conv.dilation, conv.groups)
         if isinstance(conv, _MaskedMixin):
-            if self.bn[0] is None:
-                conv._masked_inputs()  # the layer's own bookkeeping (in-place masked weight)
+            # Unfolded, the layer's own weight: its bookkeeping (masked in place) as it does.
+            mask = conv.weight_mask if self.bn[0] is not None else conv._masked_inputs()[1]
             fn = SF.masked_conv2d_relu if self.relu else SF.masked_conv2d
-            return fn(x, self.weight, conv.weight_mask, self.bias, *args)
+            return fn(x, self.weight, mask, self.bias, *args)
         return F.conv2d(x, self.weight, self.bias, *args)
 
 
@@ -149,7 +152,6 @@ class _Plan:
         if self.folds:
             gm.recompile()
             self.module = gm
-
 
     def _fuse_relus(self, gm: fx.GraphModule) -> None:
         """Fold each ReLU whose input is a masked conv (folded or not) used by it alone."""

@@ -35,7 +35,3 @@ def unpack(bits: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
     flags = (bits.unsqueeze(1) >> _shifts(bits.device)) & 1
     return flags.reshape(-1)[:n].bool().reshape(shape)
 
-
-def nbytes(numel: int) -> int:
-    """Bytes a packed mask of ``numel`` elements takes."""
-    return (numel + 7) // 8

@@ -29,6 +29,17 @@ def frozen_weights(w: Tensor, b: Tensor | None) -> bool:
             and _cache.is_frozen(w) and not torch.compiler.is_compiling())
 
 
+def _picked(ns: object, forward_args: tuple,
+            grad_input_args: tuple) -> tuple[list, list] | None:
+    """The implementations ``ns`` already runs for this call's forward (and input gradient,
+    when the input takes one) with the calls they serve; None while a choice is to be made."""
+    calls = [("forward", forward_args)]
+    if forward_args[0].requires_grad:
+        calls.append(("grad_input", grad_input_args))
+    fns = backends.remembered(ns, calls)
+    return None if fns is None else (fns, calls)
+
+
 def run(ns: object, reference: object, forward_args: tuple,
         grad_input_args: tuple) -> Tensor | None:
     """The op's output through the implementations ``ns`` already runs for this call,
@@ -40,18 +51,16 @@ def run(ns: object, reference: object, forward_args: tuple,
     runs under aten's autograd; otherwise a small autograd function calls the picked
     forward and input-gradient functions directly.
     """
-    x = forward_args[0]
-    calls = [("forward", forward_args)]
-    if x.requires_grad:
-        calls.append(("grad_input", grad_input_args))
-    fns = backends.remembered(ns, calls)
-    if fns is None:
+    picked = _picked(ns, forward_args, grad_input_args)
+    if picked is None:
         return None
+    fns, calls = picked
     if all(f is getattr(reference, d) for f, (d, _) in zip(fns, calls, strict=True)):
         return reference.forward(*forward_args)  # type: ignore[attr-defined]
     if len(fns) == 1:
         return fresh(fns[0](*forward_args))
-    return _Frozen.apply(x, fns[0], fns[1], forward_args, grad_input_args[1:])
+    return _Frozen.apply(forward_args[0], fns[0], fns[1], forward_args, grad_input_args[1:],
+                         False)
 
 
 def run_relu(ns: object, forward_args: tuple, grad_input_args: tuple) -> Tensor | None:
@@ -60,51 +69,35 @@ def run_relu(ns: object, forward_args: tuple, grad_input_args: tuple) -> Tensor 
     sparse kernels clamp as they store and gate the output gradient as they read it); None
     where they do not, or while a choice is still to be made (the caller then applies the
     ReLU to the unfused op)."""
-    x = forward_args[0]
-    calls = [("forward", forward_args)]
-    if x.requires_grad:
-        calls.append(("grad_input", grad_input_args))
-    fns = backends.remembered(ns, calls)
-    if fns is None:
+    picked = _picked(ns, forward_args, grad_input_args)
+    if picked is None:
         return None
     fused = [getattr(getattr(f, "__self__", None), f"{d}_relu", None)
-             for f, (d, _) in zip(fns, calls, strict=True)]
+             for f, (d, _) in zip(*picked, strict=True)]
     if any(f is None for f in fused):
         return None
     if len(fused) == 1:
         return fresh(fused[0](*forward_args))
-    return _FrozenReLU.apply(x, fused[0], fused[1], forward_args, grad_input_args[1:])
+    return _Frozen.apply(forward_args[0], fused[0], fused[1], forward_args,
+                         grad_input_args[1:], True)
 
 
-class _FrozenReLU(torch.autograd.Function):
-    """``relu(op(x))`` with frozen weights by fused functions; the backward gates the
-    output gradient by the saved output, as ReLU's own backward does."""
+class _Frozen(torch.autograd.Function):
+    """Forward and input gradient of a masked op with frozen weights, by given functions.
+    ``gated``: the functions fuse a ReLU after the op, and the input gradient also takes
+    the saved output, which gates the output gradient as ReLU's own backward does."""
 
     @staticmethod
-    def forward(ctx, x, forward_fn, grad_input_fn, forward_args, grad_input_rest):
-        ctx.grad_input_fn, ctx.rest = grad_input_fn, grad_input_rest
+    def forward(ctx, x, forward_fn, grad_input_fn, forward_args, grad_input_rest, gated):
+        ctx.grad_input_fn, ctx.rest, ctx.gated = grad_input_fn, grad_input_rest, gated
         y = fresh(forward_fn(*forward_args))
-        ctx.save_for_backward(y)
+        if gated:
+            ctx.save_for_backward(y)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gy):
-        (y,) = ctx.saved_tensors
-        gx = fresh(ctx.grad_input_fn(gy.contiguous(), y, *ctx.rest))
-        return gx, None, None, None, None
-
-
-class _Frozen(torch.autograd.Function):
-    """Forward and input gradient of a masked op with frozen weights, by given functions."""
-
-    @staticmethod
-    def forward(ctx, x, forward_fn, grad_input_fn, forward_args, grad_input_rest):
-        ctx.grad_input_fn, ctx.rest = grad_input_fn, grad_input_rest
-        return fresh(forward_fn(*forward_args))
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, gy):
-        gx = fresh(ctx.grad_input_fn(gy.contiguous(), *ctx.rest))
-        return gx, None, None, None, None
+        gate = ctx.saved_tensors if ctx.gated else ()
+        gx = fresh(ctx.grad_input_fn(gy.contiguous(), *gate, *ctx.rest))
+        return gx, None, None, None, None, None
