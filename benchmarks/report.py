@@ -57,8 +57,8 @@ def table(data: dict) -> str:
     """Markdown for every group of the benchmark JSON ``data``."""
     groups = _groups(data)
     lines = _header(data) + [
-        "| group | impl | median | speed-up vs baseline |",
-        "|---|---|---|---|",
+        "| group | impl | median | spread | speed-up vs baseline |",
+        "|---|---|---|---|---|",
     ]
     op_groups = [g for g in sorted(groups) if not _is_end_to_end(groups[g])]
     for g in op_groups:
@@ -76,11 +76,18 @@ def table(data: dict) -> str:
                 ratio = f"{base['stats']['median'] / med:.2f}x"
             extra = {k: v for k, v in info.items() if k not in ("impl", "baseline")}
             note = f" ({', '.join(f'{k}={v}' for k, v in extra.items())})" if extra else ""
-            lines.append(f"| {g} | {impl}{note} | {_fmt_time(med)} | {ratio} |")
+            lines.append(f"| {g} | {impl}{note} | {_fmt_time(med)} | {_spread(r)} | {ratio} |")
     if not op_groups:
         lines = _header(data)
     e2e = end_to_end_table(groups)
     return "\n".join(lines) + "\n" + (("\n" + e2e) if e2e else "")
+
+
+def _spread(row: dict) -> str:
+    """(max - min) / median of the row's rounds: how far apart its timings lie."""
+    st = row["stats"]
+    med = st["median"]
+    return f"{(st['max'] - st['min']) / med:.0%}" if med > 0 else ""
 
 
 def end_to_end_table(groups: dict[str, list[dict]]) -> str:
@@ -89,8 +96,9 @@ def end_to_end_table(groups: dict[str, list[dict]]) -> str:
     if not names:
         return ""
     lines = [
-        "| group | impl | images/s | speed-up vs baseline | MAC ideal | fraction of ideal |",
-        "|---|---|---|---|---|---|",
+        "| group | impl | images/s | spread | speed-up vs baseline | MAC ideal "
+        "| fraction of ideal |",
+        "|---|---|---|---|---|---|---|",
     ]
     for g in names:
         rows = groups[g]
@@ -105,8 +113,8 @@ def end_to_end_table(groups: dict[str, list[dict]]) -> str:
             speed_s = "n/a (no baseline)" if speed is None else f"{speed:.2f}x{tag}"
             ideal_s = "" if ideal is None else f"{ideal:.2f}x"
             frac = "" if ideal is None or speed is None else f"{speed / ideal:.0%}"
-            lines.append(f"| {g} | {info.get('impl', r['name'])} | {ips:.1f} | {speed_s} | "
-                         f"{ideal_s} | {frac} |")
+            lines.append(f"| {g} | {info.get('impl', r['name'])} | {ips:.1f} | {_spread(r)} | "
+                         f"{speed_s} | {ideal_s} | {frac} |")
     return "\n".join(lines) + "\n"
 
 
