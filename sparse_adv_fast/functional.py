@@ -32,23 +32,13 @@ def masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None =
 
 def masked_conv2d(
     x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None = None, stride=1, padding=0,
-    dilation=1, groups: int = 1,
+    dilation=1, groups: int = 1, *, relu: bool = False,
 ) -> Tensor:
-    """``F.conv2d(x, weight * mask, bias, ...)`` on the fastest available backend."""
+    """``F.conv2d(x, weight * mask, bias, ...)`` on the fastest available backend; with
+    ``relu``, ``F.relu`` of it, fused into the kernels inside attacks where they allow."""
     x, weight, bias = _autocast(x, weight, bias)
-    return _masked_conv2d(x, weight, mask, bias, stride, padding, dilation, groups)
+    op = _masked_conv2d_relu if relu else _masked_conv2d
+    return op(x, weight, mask, bias, stride, padding, dilation, groups)
 
 
-def masked_conv2d_relu(
-    x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None = None, stride=1, padding=0,
-    dilation=1, groups: int = 1,
-) -> Tensor:
-    """``F.relu(F.conv2d(x, weight * mask, bias, ...))``, fused where the kernels allow."""
-    x, weight, bias = _autocast(x, weight, bias)
-    return _masked_conv2d_relu(x, weight, mask, bias, stride, padding, dilation, groups)
-
-
-__all__ = [
-    "masked_conv2d", "masked_conv2d_relu", "masked_linear",
-    "pgd_step", "pgd_step_", "random_start",
-]
+__all__ = ["masked_conv2d", "masked_linear", "pgd_step", "pgd_step_", "random_start"]

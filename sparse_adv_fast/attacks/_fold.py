@@ -70,8 +70,7 @@ class _FoldedConv(nn.Module):
         if isinstance(conv, _MaskedMixin):
             # Unfolded, the layer's own weight: its bookkeeping (masked in place) as it does.
             mask = conv.weight_mask if self.bn[0] is not None else conv._masked_inputs()[1]
-            fn = SF.masked_conv2d_relu if self.relu else SF.masked_conv2d
-            return fn(x, self.weight, mask, self.bias, *args)
+            return SF.masked_conv2d(x, self.weight, mask, self.bias, *args, relu=self.relu)
         return F.conv2d(x, self.weight, self.bias, *args)
 
 
@@ -139,19 +138,22 @@ class _Plan:
             if not (isinstance(src, fx.Node) and src.op == "call_module"
                     and _foldable_conv(mods.get(src.target)) and len(src.users) == 1):
                 continue
-            fold = _FoldedConv(mods[src.target], mods[node.target])
-            name = f"_saf_folded_{len(self.folds)}"
-            gm.add_submodule(name, fold)
-            with gm.graph.inserting_after(src):
-                new = gm.graph.call_module(name, src.args, src.kwargs)
+            new = self._insert(gm, src, _FoldedConv(mods[src.target], mods[node.target]))
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
             gm.graph.erase_node(src)
-            self.folds.append(fold)
         self._fuse_relus(gm)
         if self.folds:
             gm.recompile()
             self.module = gm
+
+    def _insert(self, gm: fx.GraphModule, src: fx.Node, fold: _FoldedConv) -> fx.Node:
+        """A call of ``fold`` on ``src``'s inputs, placed right after ``src``."""
+        name = f"_saf_folded_{len(self.folds)}"
+        gm.add_submodule(name, fold)
+        self.folds.append(fold)
+        with gm.graph.inserting_after(src):
+            return gm.graph.call_module(name, src.args, src.kwargs)
 
     def _fuse_relus(self, gm: fx.GraphModule) -> None:
         """Fold each ReLU whose input is a masked conv (folded or not) used by it alone."""
@@ -165,13 +167,9 @@ class _Plan:
                 fold = m
             elif _fusable_conv(m):
                 fold = _FoldedConv(m, None)
-                name = f"_saf_folded_{len(self.folds)}"
-                gm.add_submodule(name, fold)
-                with gm.graph.inserting_after(src):
-                    new = gm.graph.call_module(name, src.args, src.kwargs)
+                new = self._insert(gm, src, fold)
                 src.replace_all_uses_with(new)
                 gm.graph.erase_node(src)
-                self.folds.append(fold)
                 src = new
             else:
                 continue
