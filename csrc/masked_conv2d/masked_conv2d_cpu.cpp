@@ -6,6 +6,9 @@
 // channel within the group). Transposed CSR (grad_input): rows = global input channel,
 // code = ocl*KH*KW + ky*KW + kx (ocl = output channel within the group). Codes are int16
 // when they fit (the Python layer picks the width), else int32.
+//
+// A following ReLU can be fused (the attack path): the forward clamps its tiles as it
+// stores them, and the stride-1 input gradient reads gy through the ReLU's output (gate).
 #include <omp.h>
 
 #include <algorithm>
