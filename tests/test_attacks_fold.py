@@ -214,3 +214,48 @@ def test_relu_is_not_fused_where_the_conv_output_has_other_users_or_hooks():
     handle.remove()
     dense = _ConvReLU()  # plain convs: nothing to fuse, the forward is not traced
     assert _folds(dense)[1] == 0
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(kernel_size=2),
+    dict(kernel_size=3, stride=2, padding=1),
+    dict(kernel_size=3, stride=1, padding=1, dilation=2),
+    dict(kernel_size=(2, 3), stride=(2, 1), padding=(1, 1), ceil_mode=True),
+])
+def test_channels_last_max_pool_is_the_module_exactly(cfg):
+    """Same values and the same input gradient, bit for bit, on ReLU'd inputs rounded so
+    that windows hold ties (and zeros), with a NaN: both kernels pick the same element."""
+    pool = nn.MaxPool2d(**cfg)
+    fast = _fold._MaxPool(pool)
+    g = torch.Generator().manual_seed(0)
+    x = torch.relu(torch.randn(3, 5, 9, 11, generator=g)).round(decimals=1)
+    x[0, 1, 2, 3] = float("nan")
+    outs = []
+    for m in (pool, fast):
+        xr = x.clone().requires_grad_()
+        y = m(xr)
+        gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+        y.backward(gy)
+        outs.append((y.detach(), xr.grad))
+    assert torch.equal(outs[0][0].isnan(), outs[1][0].isnan())
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(outs[1][1], outs[0][1], rtol=0, atol=0)
+
+
+def test_folded_cnn_takes_the_fast_pool_and_matches_the_model():
+    torch.manual_seed(0)
+    model = saf.sparsify(saf.models.small_cnn(in_channels=3, image_size=16))
+    saf.prune.magnitude(model, 0.8, scope="layer")
+    model = model.double()
+    x = torch.rand(4, 3, 16, 16, dtype=torch.float64)
+    with _hygiene.attack_mode(model):
+        xr = x.clone().requires_grad_()
+        ref = model(xr)
+        (gref,) = torch.autograd.grad(ref.square().sum(), xr)
+        with _fold.folded(model) as fm:
+            assert sum(isinstance(m, _fold._MaxPool) for m in fm.modules()) == 1
+            xf = x.clone().requires_grad_()
+            out = fm(xf)
+            (g,) = torch.autograd.grad(out.square().sum(), xf)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g, gref, rtol=1e-12, atol=1e-12)

@@ -12,7 +12,9 @@ an eval-mode BatchNorm2d with running statistics, neither carrying hooks, with z
 padding. A ReLU (module, function or method, no hooks) that alone reads a masked conv's
 output, batch norm folded or not, is folded too: where the sparse kernels run that conv
 they clamp its output as they store it and gate the output gradient as they read it,
-saving the ReLU's two passes over the activation. Only a model holding a conv and such a
+saving the ReLU's two passes over the activation. In a model with something to fold, each
+``nn.MaxPool2d`` runs its CPU forward in channels_last (same values and gradients, see
+:class:`_MaxPool`). Only a model holding a conv and such a
 batch norm, or a masked conv, is traced (once per module tree: tracing runs its forward
 on proxies), and one that does not trace runs as it is. The folded model differs from
 the model only by float rounding (the scaling is applied to the weight instead of the
@@ -72,6 +74,53 @@ class _FoldedConv(nn.Module):
             mask = conv.weight_mask if self.bn[0] is not None else conv._masked_inputs()[1]
             return SF.masked_conv2d(x, self.weight, mask, self.bias, *args, relu=self.relu)
         return F.conv2d(x, self.weight, self.bias, *args)
+
+
+class _MaxPool(nn.Module):
+    """``nn.MaxPool2d`` (no indices returned) that runs its CPU forward on a channels_last
+    copy, whose kernel is vectorised across channels (about 4x faster than the NCHW one on
+    a 32x32x32x32 batch), and its backward by the NCHW kernel from the same indices (both
+    kernels pick the same element of each window, ties and NaN included), so values and
+    gradients are those of the module itself."""
+
+    def __init__(self, pool: nn.MaxPool2d) -> None:
+        super().__init__()
+        self.pool = [pool]  # a list: not registered as a submodule
+
+    def forward(self, x: Tensor) -> Tensor:
+        p = self.pool[0]
+        if x.device.type != "cpu" or x.dim() != 4 or not x.is_contiguous():
+            return p(x)
+        return _ChannelsLastMaxPool.apply(x, p.kernel_size, p.stride, p.padding, p.dilation,
+                                          p.ceil_mode)
+
+
+class _ChannelsLastMaxPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, kernel, stride, padding, dilation, ceil_mode):
+        y, idx = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), kernel, stride,
+                              padding, dilation, ceil_mode, return_indices=True)
+        idx = idx.contiguous()
+        ctx.save_for_backward(x, idx)
+        ctx.args = (kernel, stride, padding, dilation, ceil_mode)
+        return y.contiguous()
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, idx = ctx.saved_tensors
+        k, s, p, d = (_pair(a) for a in ctx.args[:4])
+        gx = torch.ops.aten.max_pool2d_with_indices_backward(gy.contiguous(), x, k, s, p, d,
+                                                             ctx.args[4], idx)
+        return gx, None, None, None, None, None
+
+
+def _pair(v) -> list[int]:
+    return [int(v), int(v)] if isinstance(v, int) else [int(i) for i in v]
+
+
+def _fast_pool(m: nn.Module) -> bool:
+    return (type(m) is nn.MaxPool2d and not m.return_indices
+            and not (m._forward_hooks or m._forward_pre_hooks))
 
 
 class _Tracer(fx.Tracer):
@@ -143,7 +192,14 @@ class _Plan:
             gm.graph.erase_node(node)
             gm.graph.erase_node(src)
         self._fuse_relus(gm)
-        if self.folds:
+        self.pools = 0
+        if self.folds:  # a traced model with a fold: its max-pools take the faster kernel
+            for node in gm.graph.nodes:
+                if node.op == "call_module" and _fast_pool(mods.get(node.target)):
+                    name = f"_saf_pool_{self.pools}"
+                    gm.add_submodule(name, _MaxPool(mods[node.target]))
+                    node.target = name
+                    self.pools += 1
             gm.recompile()
             self.module = gm
 
