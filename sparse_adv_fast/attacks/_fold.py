@@ -108,14 +108,8 @@ class _ChannelsLastMaxPool(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         x, idx = ctx.saved_tensors
-        k, s, p, d = (_pair(a) for a in ctx.args[:4])
-        gx = torch.ops.aten.max_pool2d_with_indices_backward(gy.contiguous(), x, k, s, p, d,
-                                                             ctx.args[4], idx)
+        gx = torch.ops.aten.max_pool2d_with_indices_backward(gy.contiguous(), x, *ctx.args, idx)
         return gx, None, None, None, None, None
-
-
-def _pair(v) -> list[int]:
-    return [int(v), int(v)] if isinstance(v, int) else [int(i) for i in v]
 
 
 def _fast_pool(m: nn.Module) -> bool:
@@ -192,14 +186,12 @@ class _Plan:
             gm.graph.erase_node(node)
             gm.graph.erase_node(src)
         self._fuse_relus(gm)
-        self.pools = 0
         if self.folds:  # a traced model with a fold: its max-pools take the faster kernel
-            for node in gm.graph.nodes:
-                if node.op == "call_module" and _fast_pool(mods.get(node.target)):
-                    name = f"_saf_pool_{self.pools}"
-                    gm.add_submodule(name, _MaxPool(mods[node.target]))
-                    node.target = name
-                    self.pools += 1
+            pools = [n for n in gm.graph.nodes
+                     if n.op == "call_module" and _fast_pool(mods.get(n.target))]
+            for i, node in enumerate(pools):
+                gm.add_submodule(f"_saf_pool_{i}", _MaxPool(mods[node.target]))
+                node.target = f"_saf_pool_{i}"
             gm.recompile()
             self.module = gm
 

@@ -190,9 +190,7 @@ def sparse_conv_forward(ext: ModuleType, x: Tensor, w: Tensor, mask: Tensor, b: 
     """``conv2d(x, w ⊙ mask, b, *conv)`` by the direct sparse kernel over the cached CSR;
     ``relu`` applies a ReLU as the tiles are stored."""
     rowptr, col, val = csr(w, mask, index_dtype(mask[0].numel()))
-    if relu:
-        return ext.conv_forward(x, rowptr, col, val, list(w.shape), b, *conv, relu=True)
-    return ext.conv_forward(x, rowptr, col, val, list(w.shape), b, *conv)
+    return ext.conv_forward(x, rowptr, col, val, list(w.shape), b, *conv, relu=relu)
 
 
 def dense_conv_forward(x: Tensor, w: Tensor, mask: Tensor, b: Tensor | None,

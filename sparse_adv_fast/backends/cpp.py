@@ -108,7 +108,7 @@ class SparseConv2d:
         _check_sparse(gy, mask)
         return sparse_conv_grad_input(self._ext, gy, x, w, mask, conv)
 
-    # Fused with a following ReLU, for the attack path (ops._direct.run_relu).
+    # Fused with a following ReLU, for the attack path (ops._direct.run with relu=True).
     def forward_relu(self, x: Tensor, w: Tensor, mask: Tensor, b: Tensor | None,
                      conv: Conv) -> Tensor:
         from ._cpp_ops import sparse_conv_forward

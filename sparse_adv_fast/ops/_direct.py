@@ -29,57 +29,45 @@ def frozen_weights(w: Tensor, b: Tensor | None) -> bool:
             and _cache.is_frozen(w) and not torch.compiler.is_compiling())
 
 
-def _picked(ns: object, forward_args: tuple,
-            grad_input_args: tuple) -> tuple[list, list] | None:
-    """The implementations ``ns`` already runs for this call's forward (and input gradient,
-    when the input takes one) with the calls they serve; None while a choice is to be made."""
-    calls = [("forward", forward_args)]
-    if forward_args[0].requires_grad:
-        calls.append(("grad_input", grad_input_args))
-    fns = backends.remembered(ns, calls)
-    return None if fns is None else (fns, calls)
-
-
-def run(ns: object, reference: object, forward_args: tuple,
-        grad_input_args: tuple) -> Tensor | None:
-    """The op's output through the implementations ``ns`` already runs for this call,
-    without the custom op; None while a choice is still to be made (then the custom op runs
-    and makes it).
+def run(ns: object, reference: object, forward_args: tuple, grad_input_args: tuple,
+        relu: bool = False) -> Tensor | None:
+    """The op's output (``relu`` of it with ``relu``) through the implementations ``ns``
+    already runs for this call, without the custom op; None while a choice is still to be
+    made (then the custom op runs and makes it).
 
     ``forward_args[0]`` is the input; ``grad_input_args`` holds a placeholder where the
     output gradient goes. When both directions are the torch reference, the plain torch op
     runs under aten's autograd; otherwise a small autograd function calls the picked
-    forward and input-gradient functions directly.
+    forward and input-gradient functions directly. With ``relu``, implementations that
+    offer ``forward_relu`` / ``grad_input_relu`` beside ``forward`` / ``grad_input`` (the
+    sparse kernels: they clamp as they store and gate the output gradient as they read it)
+    run the ReLU fused; any other pick is followed by ``torch.relu``.
     """
-    picked = _picked(ns, forward_args, grad_input_args)
-    if picked is None:
+    x = forward_args[0]
+    calls = [("forward", forward_args)]
+    if x.requires_grad:
+        calls.append(("grad_input", grad_input_args))
+    fns = backends.remembered(ns, calls)
+    if fns is None:
         return None
-    fns, calls = picked
+    if relu:
+        fused = [getattr(getattr(f, "__self__", None), f"{d}_relu", None)
+                 for f, (d, _) in zip(fns, calls, strict=True)]
+        if all(f is not None for f in fused):
+            return _through(fused, forward_args, grad_input_args, gated=True)
     if all(f is getattr(reference, d) for f, (d, _) in zip(fns, calls, strict=True)):
-        return reference.forward(*forward_args)  # type: ignore[attr-defined]
+        y = reference.forward(*forward_args)  # type: ignore[attr-defined]
+    else:
+        y = _through(fns, forward_args, grad_input_args, gated=False)
+    return torch.relu(y) if relu else y
+
+
+def _through(fns: list, forward_args: tuple, grad_input_args: tuple, gated: bool) -> Tensor:
+    """The forward by ``fns[0]``; its input gradient, if one is taken, by ``fns[1]``."""
     if len(fns) == 1:
         return fresh(fns[0](*forward_args))
     return _Frozen.apply(forward_args[0], fns[0], fns[1], forward_args, grad_input_args[1:],
-                         False)
-
-
-def run_relu(ns: object, forward_args: tuple, grad_input_args: tuple) -> Tensor | None:
-    """``relu`` of the op's output, fused into the picked implementations where they offer
-    it (``forward_relu`` / ``grad_input_relu`` next to ``forward`` / ``grad_input``: the
-    sparse kernels clamp as they store and gate the output gradient as they read it); None
-    where they do not, or while a choice is still to be made (the caller then applies the
-    ReLU to the unfused op)."""
-    picked = _picked(ns, forward_args, grad_input_args)
-    if picked is None:
-        return None
-    fused = [getattr(getattr(f, "__self__", None), f"{d}_relu", None)
-             for f, (d, _) in zip(*picked, strict=True)]
-    if any(f is None for f in fused):
-        return None
-    if len(fused) == 1:
-        return fresh(fused[0](*forward_args))
-    return _Frozen.apply(forward_args[0], fused[0], fused[1], forward_args,
-                         grad_input_args[1:], True)
+                         gated)
 
 
 class _Frozen(torch.autograd.Function):

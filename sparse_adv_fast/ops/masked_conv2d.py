@@ -178,10 +178,11 @@ def masked_conv2d_relu(
     the output gradient gated as it is read); elsewhere it is the two ops."""
     conv = _checked(x, w, mask, b, stride, padding, dilation, groups)
     if _direct.frozen_weights(w, b):
-        y = _direct.run_relu(_impl(x.device), (x, w, mask, b, conv), (None, x, w, mask, conv))
+        y = _direct.run(_impl(x.device), _REF, (x, w, mask, b, conv), (None, x, w, mask, conv),
+                        relu=True)
         if y is not None:
             return y
-    return torch.relu(masked_conv2d(x, w, mask, b, *conv))
+    return torch.relu(_op(x, w, mask, b, *conv))
 
 
 def masked_conv2d(
