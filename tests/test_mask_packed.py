@@ -136,6 +136,8 @@ def test_model_helpers_pack_every_layer_and_read_masks():
     assert saf.sparsity(model) == pytest.approx(0.8, abs=0.01)
     saf.nn.pack_masks(model, packed=False)
     assert not any(m.mask_packed for m in layers.values())
+    with pytest.raises(ValueError, match="no masked layer; call sparsify"):
+        saf.nn.pack_masks(nn.Sequential(nn.Linear(3, 2)))
 
 
 def test_attack_on_a_packed_model_matches_and_unpacks_once(monkeypatch):
