@@ -4,9 +4,10 @@ widths that are multiples of 16 / 8 floats), row tiles of half-width vectors, an
 tiles over the padded plane (any other width), with tail row blocks, fewer images than
 threads (the channel split) and more (the per-image split), groups, dilation, padding and
 strides (the phase planes).
-The stride-1 input gradient runs the same kernel on a transposed CSR the extension builds
-per call; it is checked against autograd here, and so is the cached transposed path of
-other strides."""
+The input gradient runs the same kernel on a transposed CSR the extension builds per call,
+one phase plane of the input per stride offset (interleaved into the gradient when the
+stride is above 1); it is checked against autograd here, and so is the scatter through a
+cached transposed CSR that padding beyond the kernel's reach falls back to."""
 
 from __future__ import annotations
 
@@ -67,8 +68,8 @@ def test_stride1_forward_and_grad_input_match_torch(shape, density, dtype):
     ref = F.conv2d(xr, wm, None, 1, pad, d, groups)
     gy = torch.randn_like(ref)
     ref.backward(gy)
-    gx = ext.conv_grad_input_s1(gy, list(x.shape), rowptr, col, val, list(wt.shape), pad,
-                                [d, d], groups)
+    gx = ext.conv_grad_input_direct(gy, list(x.shape), rowptr, col, val, list(wt.shape),
+                                    [1, 1], pad, [d, d], groups)
     assert_close(gx, xr.grad)
 
 
@@ -80,14 +81,16 @@ STRIDED = [
     (2, 3, 10, 17, 2, (3, 2), (2, 3), (1, 0), (1, 2), 1),  # mixed strides and dilation
     (2, 2, 13, 13, 3, 5, 3, 2, 1, 1),        # stride 3, 5x5
     (2, 2, 8, 8, 2, 3, 2, 4, 1, 1),          # padding wider than the kernel
+    (1, 18, 9, 10, 4, 3, 2, 1, 1, 1),        # one image: input channels split, 3 a task
 ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape", STRIDED, ids=lambda s: "x".join(map(str, s[:5])))
 def test_strided_forward_and_grad_input_match_torch(shape, dtype):
-    """Strided convolutions run the forward over phase planes; their input gradient goes
-    through the cached transposed CSR."""
+    """Strided convolutions run the forward over phase planes; their input gradient by
+    phase planes of the input (within the kernel's reach) and by the scatter through the
+    cached transposed CSR both match autograd."""
     n, c, h, w, oc, k, s, p, d, groups = shape
     pair = lambda v: list(v) if isinstance(v, tuple) else [v, v]  # noqa: E731
     ext = backends.cpp.loader("masked_conv2d")._ext
@@ -105,6 +108,11 @@ def test_strided_forward_and_grad_input_match_torch(shape, dtype):
     rt, ct, vt = _cpp_ops.csr_t(wt, mask, groups)
     gx = ext.conv_grad_input(gy, list(x.shape), rt, ct, vt, list(wt.shape), *conv)
     assert_close(gx, xr.grad)
+    kh, kw = wt.shape[2:]
+    if conv[2][0] * (kh - 1) >= conv[1][0] and conv[2][1] * (kw - 1) >= conv[1][1]:
+        gx = ext.conv_grad_input_direct(gy, list(x.shape), rowptr, col, val, list(wt.shape),
+                                        *conv)
+        assert_close(gx, xr.grad)
 
 
 def test_forward_takes_a_noncontiguous_input_and_int32_columns():
@@ -117,21 +125,22 @@ def test_forward_takes_a_noncontiguous_input_and_int32_columns():
     assert_close(y, F.conv2d(x, torch.where(mask, wt, torch.zeros_like(wt)), None, 1, 1))
 
 
-def test_grad_input_s1_refuses_padding_beyond_the_kernel():
+def test_direct_grad_input_refuses_padding_beyond_the_kernel():
     ext = backends.cpp.loader("masked_conv2d")._ext
     x, wt, mask = _case(1, 2, 5, 5, 2, 3, 1, 0.5, torch.float64)
     rowptr, col, val = _cpp_ops.csr(wt, mask)
     gy = torch.randn(1, 2, 9, 9, dtype=torch.float64)  # padding 3 on a 3x3 kernel
     with pytest.raises(RuntimeError, match="padding larger than the dilated kernel"):
-        ext.conv_grad_input_s1(gy, list(x.shape), rowptr, col, val, list(wt.shape), [3, 3],
-                               [1, 1], 1)
+        ext.conv_grad_input_direct(gy, list(x.shape), rowptr, col, val, list(wt.shape),
+                                   [1, 1], [3, 3], [1, 1], 1)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("padding", [1, 3])
-def test_op_grad_input_takes_either_path(padding, monkeypatch):
-    """Through the backend layer: stride 1 within the kernel's reach runs the per-call
-    transposed CSR, padding beyond it falls back to the cached transposed CSR; both agree
-    with autograd, and only the fallback caches a transposed copy."""
+def test_op_grad_input_takes_either_path(padding, stride, monkeypatch):
+    """Through the backend layer: padding within the kernel's reach runs the per-call
+    transposed CSR (any stride), padding beyond it falls back to the cached transposed
+    CSR; both agree with autograd, and only the fallback caches a transposed copy."""
     from sparse_adv_fast.ops import _cache
 
     monkeypatch.setattr(_cpp_ops, "CONV_SPARSE_DENSITY", 1.0)
@@ -139,12 +148,12 @@ def test_op_grad_input_takes_either_path(padding, monkeypatch):
     x, wt, mask = _case(2, 3, 6, 16, 4, 3, 1, 0.4, torch.float64)
     xr = x.clone().requires_grad_()
     wm = torch.where(mask, wt, torch.zeros_like(wt))
-    ref = F.conv2d(xr, wm, None, 1, padding)
+    ref = F.conv2d(xr, wm, None, stride, padding)
     gy = torch.randn_like(ref)
     ref.backward(gy)
     _cache.clear()
     gx = _cpp_ops.sparse_conv_grad_input(ext, gy, x, wt, mask,
-                                         ([1, 1], [padding, padding], [1, 1], 1))
+                                         ([stride, stride], [padding, padding], [1, 1], 1))
     assert_close(gx, xr.grad)
     forms = [k for e in _cache._entries.values() for k in e.forms]
     assert any(k.startswith("csr_t") for k in forms) == (padding == 3), forms
@@ -175,18 +184,20 @@ def test_fused_relu_matches_torch_relu_of_the_convolution(shape, dtype):
 
     gy = torch.randn_like(ref)
     ref.backward(gy)
-    gx = ext.conv_grad_input_s1(gy, list(x.shape), rowptr, col, val, list(wt.shape), [p, p],
-                                [d, d], groups, gate=y)
+    gx = ext.conv_grad_input_direct(gy, list(x.shape), rowptr, col, val, list(wt.shape),
+                                    [1, 1], [p, p], [d, d], groups, gate=y)
     torch.testing.assert_close(gx, xr.grad, **TOL[dtype], equal_nan=True)
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-def test_gated_grad_input_through_the_backend_layer(stride):
-    """``gate`` on either input-gradient path: the stride-1 kernel gates while it pads, the
-    strided scatter is given the gated gradient; both match autograd through the ReLU."""
+@pytest.mark.parametrize("padding", [1, 3])
+def test_gated_grad_input_through_the_backend_layer(stride, padding):
+    """``gate`` on either input-gradient path: the direct kernel gates while it pads, the
+    scatter (padding beyond the kernel) is given the gated gradient; both match autograd
+    through the ReLU."""
     ext = backends.cpp.loader("masked_conv2d")._ext
     x, wt, mask = _case(2, 3, 9, 16, 4, 3, 1, 0.4, torch.float64)
-    conv = ([stride, stride], [1, 1], [1, 1], 1)
+    conv = ([stride, stride], [padding, padding], [1, 1], 1)
     xr = x.clone().requires_grad_()
     ref = torch.relu(F.conv2d(xr, torch.where(mask, wt, torch.zeros_like(wt)), None, *conv))
     gy = torch.randn_like(ref)
@@ -203,5 +214,5 @@ def test_gate_of_another_shape_is_refused():
     rowptr, col, val = _cpp_ops.csr(wt, mask)
     gy = torch.randn(1, 2, 5, 5, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="gate must match"):
-        ext.conv_grad_input_s1(gy, list(x.shape), rowptr, col, val, list(wt.shape), [1, 1],
-                               [1, 1], 1, gate=gy[:, :1])
+        ext.conv_grad_input_direct(gy, list(x.shape), rowptr, col, val, list(wt.shape),
+                                   [1, 1], [1, 1], [1, 1], 1, gate=gy[:, :1])

@@ -19,8 +19,8 @@ void conv_forward_tiled(const Geom&, const T*, const T*, const int64_t*, const I
 template <typename T, typename I>
 void conv_grad_input(const Geom&, const T*, const int64_t*, const I*, const T*, T*);
 template <typename T, typename I>
-void conv_grad_input_s1(const Geom&, const T*, const T*, const int64_t*, const I*, const T*,
-                        T*);
+void conv_grad_input_direct(const Geom&, const T*, const T*, const int64_t*, const I*,
+                            const T*, T*);
 template <typename T, typename I>
 void conv_grad_weight(const Geom&, const T*, const T*, const int64_t*, const I*, T*);
 }  // namespace saf_mc
@@ -87,13 +87,14 @@ at::Tensor conv_grad_input(const at::Tensor& gy_in, IntList x_shape, const at::T
   return gx;
 }
 
-// Stride-1 input gradient over the forward CSR (rows = output channels), see the kernel.
-// With a gate (the output of a ReLU applied to the convolution, gy's shape), gy is first
-// passed back through that ReLU.
-at::Tensor conv_grad_input_s1(const at::Tensor& gy_in, IntList x_shape, const at::Tensor& rowptr,
-                              const at::Tensor& col, const at::Tensor& val, IntList w_shape,
-                              IntList padding, IntList dilation, int64_t groups,
-                              const c10::optional<at::Tensor>& gate_in) {
+// Input gradient of any stride over the forward CSR (rows = output channels), see the
+// kernel. With a gate (the output of a ReLU applied to the convolution, gy's shape), gy is
+// first passed back through that ReLU.
+at::Tensor conv_grad_input_direct(const at::Tensor& gy_in, IntList x_shape,
+                                  const at::Tensor& rowptr, const at::Tensor& col,
+                                  const at::Tensor& val, IntList w_shape, IntList stride,
+                                  IntList padding, IntList dilation, int64_t groups,
+                                  const c10::optional<at::Tensor>& gate_in) {
   at::Tensor gy = gy_in.contiguous();
   at::Tensor gate;
   if (gate_in.has_value() && gate_in->defined()) {
@@ -101,7 +102,7 @@ at::Tensor conv_grad_input_s1(const at::Tensor& gy_in, IntList x_shape, const at
                 "masked_conv2d cpp: gate must match grad_output's shape and dtype");
     gate = gate_in->contiguous();
   }
-  auto g = geom(x_shape, w_shape, {1, 1}, padding, dilation, groups);
+  auto g = geom(x_shape, w_shape, stride, padding, dilation, groups);
   TORCH_CHECK(gy.dim() == 4 && gy.size(0) == g.N && gy.size(1) == g.OC && gy.size(2) == g.OH &&
                   gy.size(3) == g.OW,
               "masked_conv2d cpp: grad_output shape does not match the convolution");
@@ -109,12 +110,11 @@ at::Tensor conv_grad_input_s1(const at::Tensor& gy_in, IntList x_shape, const at
               "masked_conv2d cpp: padding larger than the dilated kernel");
   saf_common::check_csr(rowptr, col, g.OC, "masked_conv2d");
   at::Tensor gx = at::empty({g.N, g.C, g.H, g.W}, gy.options());
-  AT_DISPATCH_FLOATING_TYPES(gy.scalar_type(), "saf_conv_grad_input_s1", [&] {
+  AT_DISPATCH_FLOATING_TYPES(gy.scalar_type(), "saf_conv_grad_input_direct", [&] {
     saf_common::with_col(col, [&](auto* c) {
-      saf_mc::conv_grad_input_s1<scalar_t>(g, gy.data_ptr<scalar_t>(),
-                                           gate.defined() ? gate.data_ptr<scalar_t>() : nullptr,
-                                           rowptr.data_ptr<int64_t>(), c,
-                                           val.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>());
+      saf_mc::conv_grad_input_direct<scalar_t>(
+          g, gy.data_ptr<scalar_t>(), gate.defined() ? gate.data_ptr<scalar_t>() : nullptr,
+          rowptr.data_ptr<int64_t>(), c, val.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>());
     });
   });
   return gx;
@@ -235,11 +235,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("gy"), py::arg("x_shape"), py::arg("rowptr_t"), py::arg("col_t"),
         py::arg("val_t"), py::arg("w_shape"), py::arg("stride"), py::arg("padding"),
         py::arg("dilation"), py::arg("groups"));
-  m.def("conv_grad_input_s1", &conv_grad_input_s1,
-        "stride-1 direct sparse conv grad_input over the forward CSR (CPU)", py::arg("gy"),
+  m.def("conv_grad_input_direct", &conv_grad_input_direct,
+        "direct sparse conv grad_input over the forward CSR, any stride (CPU)", py::arg("gy"),
         py::arg("x_shape"), py::arg("rowptr"), py::arg("col"), py::arg("val"),
-        py::arg("w_shape"), py::arg("padding"), py::arg("dilation"), py::arg("groups"),
-        py::arg("gate") = py::none());
+        py::arg("w_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+        py::arg("groups"), py::arg("gate") = py::none());
   m.def("conv_grad_weight", &conv_grad_weight, "sparse conv grad_weight, kept entries (CPU)",
         py::arg("gy"), py::arg("x"), py::arg("rowptr"), py::arg("col"), py::arg("w_shape"),
         py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("groups"));

@@ -8,10 +8,11 @@
 // when they fit (the Python layer picks the width), else int32.
 //
 // A following ReLU can be fused (the attack path): the forward clamps its tiles as it
-// stores them, and the stride-1 input gradient reads gy through the ReLU's output (gate).
+// stores them, and the input gradient reads gy through the ReLU's output (gate).
 #include <omp.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstdint>
 #include <vector>
 
@@ -180,7 +181,7 @@ inline void pad_image(const Geom& g, const FlatPlan<T>& f, const T* x, const T* 
           if (h < 0 || h >= g.H) continue;
           const T* src = xi + (c * g.H + h) * g.W + rx - g.pw;
           T* dst = ph + i * f.Wq;
-          if (gi) {  // only the stride-1 input gradient passes a gate
+          if (gi) {  // only the input gradient passes a gate (with stride 1)
             const T* gs = gi + (c * g.H + h) * g.W + rx - g.pw;
 #pragma omp simd
             for (int64_t j = j0; j < j1; ++j) dst[j] = gs[j] <= T(0) ? T(0) : src[j];
@@ -318,38 +319,133 @@ void conv_forward_tiled(const Geom& g, const T* x, const T* gate, const int64_t*
   }
 }
 
-// Stride-1 input gradient from the forward CSR: the gradient is a plain convolution of gy
-// with the transposed, tap-flipped weight and padding d*(k-1)-p. That CSR (rows = input
-// channels) is rebuilt here per call by a counting sort, O(nnz), so no transposed copy of
-// the weight is cached between calls. Entries of a row come out sorted by their code.
+// Per axis of the input gradient, the polyphase view of a tap k (dilation d, padding p,
+// stride s): input row u = s*q + a is reached from output row i = q + delta by taps with
+// a = (k*d - p) mod s, delta = (a + p - k*d) / s. delta lies in [lo, hi]; hi <= 0 <= -lo
+// holds when p <= d*(K-1), the only padding this path takes.
+struct Phases {
+  std::vector<int64_t> phase, delta;
+  int64_t lo, hi;
+};
+
+inline Phases phases(int64_t K, int64_t d, int64_t p, int64_t s) {
+  Phases r;
+  r.lo = INT64_MAX;
+  r.hi = INT64_MIN;
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t a = ((k * d - p) % s + s) % s, delta = (a + p - k * d) / s;
+    r.phase.push_back(a);
+    r.delta.push_back(delta);
+    r.lo = std::min(r.lo, delta);
+    r.hi = std::max(r.hi, delta);
+  }
+  return r;
+}
+
+// Rows [c0, c1) of image n's input gradient from its phase planes sc ([C*S, Qh, Qw],
+// channel c*S + a*sw + b holding gx[c, a + sh*q, b + sw*j]).
+template <typename T>
+void interleave(const Geom& g, int64_t Qh, int64_t Qw, const T* sc, int64_t c0, int64_t c1,
+                T* gxn) {
+  const int64_t S = g.sh * g.sw, Q = Qh * Qw;
+  for (int64_t c = c0; c < c1; ++c) {
+    for (int64_t u = 0; u < g.H; ++u) {
+      const T* src = sc + (c * S + (u % g.sh) * g.sw) * Q + (u / g.sh) * Qw;
+      T* dst = gxn + (c * g.H + u) * g.W;
+      if (g.sw == 2) {
+        const T* s1 = src + Q;
+        const int64_t half = g.W / 2;
+#pragma omp simd
+        for (int64_t j = 0; j < half; ++j) {
+          dst[2 * j] = src[j];
+          dst[2 * j + 1] = s1[j];
+        }
+        if (g.W % 2) dst[g.W - 1] = src[half];
+      } else {
+        for (int64_t v = 0; v < g.W; ++v) dst[v] = src[(v % g.sw) * Q + v / g.sw];
+      }
+    }
+  }
+}
+
+// Input gradient of any stride from the forward CSR, as one stride-1 convolution of gy:
+// each input channel c splits into S = sh*sw phase planes (c, a, b) holding the gradient
+// at rows a + sh*q, columns b + sw*j, and a plane sees only the taps of its phase, at the
+// shifts `phases` gives (for stride 1: the tap-flipped, transposed weight with padding
+// d*(k-1)-p). That CSR (rows = phase planes) is rebuilt per call by a counting sort, O(nnz),
+// so no transposed copy of the weight is cached. The convolution runs on the forward's
+// tiled kernel; with S > 1 each image's planes go to a scratch buffer, interleaved into gx.
+// Every MAC done is one of the forward's: no scatter and no zero-initialised output.
 template <typename T, typename I>
-void conv_grad_input_s1(const Geom& g, const T* gy, const T* gate, const int64_t* rowptr,
-                        const I* col, const T* val, T* gx) {
+void conv_grad_input_direct(const Geom& g, const T* gy, const T* gate, const int64_t* rowptr,
+                            const I* col, const T* val, T* gx) {
   const int64_t Cg = g.C / g.G, OCg = g.OC / g.G, KK = g.KH * g.KW, nnz = rowptr[g.OC];
-  std::vector<int64_t> rpT(static_cast<size_t>(g.C + 1), 0);
+  const int64_t S = g.sh * g.sw;
+  const Phases py = phases(g.KH, g.dh, g.ph, g.sh), px = phases(g.KW, g.dw, g.pw, g.sw);
+  Geom t{};
+  t.N = g.N; t.C = g.OC; t.H = g.OH; t.W = g.OW; t.OC = g.C * S; t.G = g.G;
+  t.KH = py.hi - py.lo + 1; t.KW = px.hi - px.lo + 1;
+  t.sh = t.sw = t.dh = t.dw = 1;
+  t.ph = -py.lo; t.pw = -px.lo;
+  t.OH = (g.H + g.sh - 1) / g.sh; t.OW = (g.W + g.sw - 1) / g.sw;
+  const int64_t KT = t.KH * t.KW;
+  auto plane = [&](int64_t oc, int64_t code) {  // row of the transposed CSR
+    const int64_t kk = code % KK, ky = kk / g.KW, kx = kk % g.KW;
+    return ((oc / OCg) * Cg + code / KK) * S + py.phase[ky] * g.sw + px.phase[kx];
+  };
+  std::vector<int64_t> rpT(static_cast<size_t>(t.OC + 1), 0);
   for (int64_t oc = 0; oc < g.OC; ++oc)
-    for (int64_t k = rowptr[oc]; k < rowptr[oc + 1]; ++k)
-      ++rpT[(oc / OCg) * Cg + col[k] / KK + 1];
-  for (int64_t c = 0; c < g.C; ++c) rpT[c + 1] += rpT[c];
+    for (int64_t k = rowptr[oc]; k < rowptr[oc + 1]; ++k) ++rpT[plane(oc, col[k]) + 1];
+  for (int64_t r = 0; r < t.OC; ++r) rpT[r + 1] += rpT[r];
   std::vector<int64_t> fill(rpT.begin(), rpT.end() - 1);
   std::vector<int32_t> colT(static_cast<size_t>(nnz));
   std::vector<T> valT(static_cast<size_t>(nnz));
   for (int64_t oc = 0; oc < g.OC; ++oc) {
-    // Reverse order within the row: for one input channel the flipped tap codes then rise.
+    // Reverse order within the row: for one input channel the shifted tap codes then rise.
     for (int64_t k = rowptr[oc + 1] - 1; k >= rowptr[oc]; --k) {
-      const int64_t code = col[k], c = (oc / OCg) * Cg + code / KK;
-      const int64_t at = fill[c]++;
-      colT[at] = static_cast<int32_t>((oc % OCg) * KK + (KK - 1 - code % KK));
+      const int64_t code = col[k], kk = code % KK, ky = kk / g.KW, kx = kk % g.KW;
+      const int64_t at = fill[plane(oc, code)]++;
+      colT[at] = static_cast<int32_t>((oc % OCg) * KT + (py.delta[ky] - py.lo) * t.KW +
+                                      px.delta[kx] - px.lo);
       valT[at] = val[k];
     }
   }
-  Geom t = g;
-  t.C = g.OC; t.H = g.OH; t.W = g.OW; t.OC = g.C; t.OH = g.H; t.OW = g.W;
-  t.sh = t.sw = 1;
-  t.ph = g.dh * (g.KH - 1) - g.ph;
-  t.pw = g.dw * (g.KW - 1) - g.pw;
-  conv_forward_tiled<T, int32_t>(t, gy, gate, rpT.data(), colT.data(), valT.data(), nullptr,
-                                 false, gx);
+  if (S == 1) {
+    conv_forward_tiled<T, int32_t>(t, gy, gate, rpT.data(), colT.data(), valT.data(), nullptr,
+                                   false, gx);
+    return;
+  }
+  const FlatPlan<T> f = flat_plan<T>(t, rpT.data(), colT.data());
+  const size_t buflen = static_cast<size_t>(t.C * f.chan + f.tile);
+  const size_t sclen = static_cast<size_t>(t.OC * t.OH * t.OW);
+  const int64_t image = g.C * g.H * g.W;
+  const int nt = omp_get_max_threads();
+  if (g.N >= nt) {
+#pragma omp parallel
+    {
+      std::vector<T> buf(buflen, T(0)), sc(sclen);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t n = 0; n < g.N; ++n) {
+        pad_image(t, f, gy, gate, n, buf.data());
+        image_conv<T>(t, f, buf.data(), 0, 0, t.OC, rpT.data(), valT.data(), nullptr, false,
+                   sc.data());
+        interleave(g, t.OH, t.OW, sc.data(), 0, g.C, gx + n * image);
+      }
+    }
+    return;
+  }
+  std::vector<T> buf(buflen, T(0)), sc(sclen);
+  const int64_t chunk = std::max<int64_t>(1, (g.C + 4 * nt - 1) / (4 * nt));
+  for (int64_t n = 0; n < g.N; ++n) {
+    pad_image(t, f, gy, gate, n, buf.data());
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t c0 = 0; c0 < g.C; c0 += chunk) {
+      const int64_t c1 = std::min(g.C, c0 + chunk);
+      image_conv<T>(t, f, buf.data(), 0, c0 * S, c1 * S, rpT.data(), valT.data(), nullptr, false,
+                 sc.data());
+      interleave(g, t.OH, t.OW, sc.data(), c0, c1, gx + n * image);
+    }
+  }
 }
 
 template <typename T, typename I>
@@ -443,8 +539,8 @@ void conv_grad_weight(const Geom& g, const T* gy, const T* x, const int64_t* row
 #define SAF_INSTANTIATE(T, I)                                                              \
   template void conv_forward_tiled<T, I>(const Geom&, const T*, const T*, const int64_t*,  \
                                          const I*, const T*, const T*, bool, T*);           \
-  template void conv_grad_input_s1<T, I>(const Geom&, const T*, const T*, const int64_t*,  \
-                                         const I*, const T*, T*);                          \
+  template void conv_grad_input_direct<T, I>(const Geom&, const T*, const T*,             \
+                                             const int64_t*, const I*, const T*, T*);      \
   template void conv_grad_input<T, I>(const Geom&, const T*, const int64_t*, const I*,     \
                                       const T*, T*);                                       \
   template void conv_grad_weight<T, I>(const Geom&, const T*, const T*, const int64_t*,    \

@@ -204,19 +204,20 @@ def sparse_conv_grad_input(ext: ModuleType, gy: Tensor, x: Tensor, w: Tensor, ma
                            conv: Conv, gate: Tensor | None = None) -> Tensor:
     """Input gradient by the direct sparse kernel (``x`` gives the shape).
 
-    Stride 1 (every 3x3 / 1x1 body conv): a plain convolution of gy with the flipped,
-    transposed weight, whose CSR the extension derives per call from the forward one, so no
-    transposed copy is cached. Other strides scatter through a cached transposed CSR.
+    Padding within the dilated kernel's reach (every body, downsampling and shortcut conv):
+    one stride-1 convolution of gy, per phase plane of the input (stride² of them), over a
+    transposed CSR the extension derives per call from the forward one, so no transposed
+    copy is cached. Wider padding scatters through a cached transposed CSR.
     ``gate`` (the output of a ReLU applied to this convolution) first passes ``gy`` back
-    through that ReLU; the stride-1 kernel does it while it pads ``gy``.
+    through that ReLU; the direct kernel does it while it pads ``gy``.
     """
     stride, padding, dilation, groups = conv
     oc, cg, kh, kw = w.shape
-    if list(stride) == [1, 1] and (
-            dilation[0] * (kh - 1) >= padding[0] and dilation[1] * (kw - 1) >= padding[1]):
+    if dilation[0] * (kh - 1) >= padding[0] and dilation[1] * (kw - 1) >= padding[1]:
         rowptr, col, val = csr(w, mask, index_dtype(mask[0].numel()))
-        return ext.conv_grad_input_s1(gy, list(x.shape), rowptr, col, val, list(w.shape),
-                                      list(padding), list(dilation), groups, gate)
+        return ext.conv_grad_input_direct(gy, list(x.shape), rowptr, col, val, list(w.shape),
+                                          list(stride), list(padding), list(dilation), groups,
+                                          gate)
     if gate is not None:
         gy = torch.ops.aten.threshold_backward(gy, gate, 0)
     index = index_dtype((oc // groups) * kh * kw)  # transposed row length
