@@ -37,6 +37,13 @@ GRID = [
     (2, 3, 7, 17, 3, (3, 1), (1, 0), 1, 1),  # non-square kernel
     (2, 3, 8, 16, 3, 3, 0, 1, 1),    # no padding: output narrower than input (14 wide)
     (0, 3, 8, 16, 3, 3, 1, 1, 1),    # empty batch
+    # batch lanes (a vector holds one pixel of many images): planes of at most 16 pixels
+    # and a full vector of images; 17 leaves a partial last group of lanes
+    (17, 6, 4, 4, 5, 3, 1, 1, 1),    # 4x4: one 4x4 tile
+    (17, 4, 2, 2, 6, 3, 1, 1, 2),    # 2x2, groups
+    (17, 3, 3, 5, 4, 3, 1, 1, 1),    # 3x5: 4- and 1-wide column tiles
+    (16, 5, 4, 4, 7, 3, 1, 1, 1),    # one group of lanes (float): output channels split
+    (17, 3, 1, 16, 2, 3, 1, 1, 1),   # one 16-wide row
 ]
 
 
@@ -82,6 +89,8 @@ STRIDED = [
     (2, 2, 13, 13, 3, 5, 3, 2, 1, 1),        # stride 3, 5x5
     (2, 2, 8, 8, 2, 3, 2, 4, 1, 1),          # padding wider than the kernel
     (1, 18, 9, 10, 4, 3, 2, 1, 1, 1),        # one image: input channels split, 3 a task
+    (17, 5, 8, 8, 6, 3, 2, 1, 1, 1),         # 8x8 -> 4x4 (gradient over 4x4: batch lanes)
+    (17, 4, 8, 7, 4, 1, 2, 0, 1, 2),         # 1x1 shortcut into 4x4, groups (lanes)
 ]
 
 
@@ -162,7 +171,7 @@ def test_op_grad_input_takes_either_path(padding, stride, monkeypatch):
 
 # A ReLU fused into the kernels (the attack path of conv -> relu): clamped as tiles are
 # stored, the output gradient gated by the saved output as the input gradient pads it.
-FUSED = [GRID[0], GRID[3], GRID[5], GRID[6], GRID[8], GRID[12]]
+FUSED = [GRID[0], GRID[3], GRID[5], GRID[6], GRID[8], GRID[12], GRID[13], GRID[14]]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

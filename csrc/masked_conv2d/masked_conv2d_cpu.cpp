@@ -147,15 +147,20 @@ FlatPlan<T> flat_plan(const Geom& g, const int64_t* rowptr, const I* col) {
              ? 32 : kVecBytes;
   f.VL = f.VB / sizeof(T);
   f.tile = kMaxNV * f.VL;
-  const int64_t KK = g.KH * g.KW, nnz = rowptr[g.OC];
-  f.off.resize(static_cast<size_t>(nnz));
-  for (int64_t k = 0; k < nnz; ++k) {
-    const int64_t code = col[k], cl = code / KK, kk = code % KK;
+  // The offset of every column code, tabulated without a division per stored weight: this
+  // runs on every call, and nnz divisions cost as much as a small layer's convolution.
+  const int64_t KK = g.KH * g.KW, nnz = rowptr[g.OC], Cg = g.C / g.G;
+  std::vector<int32_t> tab(static_cast<size_t>(Cg * KK));
+  for (int64_t kk = 0; kk < KK; ++kk) {
     const int64_t ty = (kk / g.KW) * g.dh, tx = (kk % g.KW) * g.dw;
     const int64_t phase = (ty % g.sh) * g.sw + tx % g.sw;
-    f.off[k] = static_cast<int32_t>(cl * f.chan + phase * f.plane + (ty / g.sh) * f.Wq +
-                                    tx / g.sw);
+    tab[kk] = static_cast<int32_t>(phase * f.plane + (ty / g.sh) * f.Wq + tx / g.sw);
   }
+  for (int64_t cl = 1; cl < Cg; ++cl)
+    for (int64_t kk = 0; kk < KK; ++kk)
+      tab[cl * KK + kk] = static_cast<int32_t>(cl * f.chan) + tab[kk];
+  f.off.resize(static_cast<size_t>(nnz));
+  for (int64_t k = 0; k < nnz; ++k) f.off[k] = tab[col[k]];
   return f;
 }
 
@@ -289,10 +294,180 @@ void image_conv(const Geom& g, const FlatPlan<T>& f, const T* buf, int64_t n, in
   flat_image(g, f, buf, n, oc0, oc1, rowptr, val, bias, relu, y);
 }
 
+// Batch-lane tiles, for small output planes (the 4x4 and 2x2 stages of a ResNet or VGG): a
+// vector holds one pixel of VL images, so every lane does useful work whatever the plane's
+// width, where a flat tile of a 4x4 plane fills 16 of its 24 lanes. VL images are copied
+// into the buffer lane by lane ([C][phase][Hq][Wq][VL], the flat plan's offsets times VL);
+// a tile of NR x NC pixels of one channel accumulates in registers over the channel's kept
+// taps and is stored image by image.
+constexpr int kLanePixels = 16;  // accumulators of one tile
+
+// Whether the batch-lane path runs: at least one full vector of images and at most 16
+// output pixels a plane (beyond, row and flat tiles fill their vectors from one image and
+// read an L1-resident buffer).
+template <typename T>
+inline bool use_lanes(const Geom& g) {
+  return g.N >= static_cast<int64_t>(kVecBytes / sizeof(T)) && g.OH * g.OW <= kLanePixels;
+}
+
+// Images [n0, n0 + nl) of x into buf's lanes, channel by channel: the channel's slice of
+// the buffer (a few KB) stays in L1 while every image fills its lane. Reading the VL images
+// side by side instead would hit one cache set VL times (images lie a power of two apart).
+template <typename T>
+inline void pad_lanes(const Geom& g, const FlatPlan<T>& f, const T* x, const T* gate,
+                      int64_t n0, int64_t nl, T* buf) {
+  constexpr int64_t VL = kVecBytes / sizeof(T);
+  const int64_t img = g.C * g.H * g.W;
+  for (int64_t c = 0; c < g.C; ++c) {
+    for (int64_t l = 0; l < nl; ++l) {
+      const T* xi = x + (n0 + l) * img + c * g.H * g.W;
+      const T* gi = gate ? gate + (n0 + l) * img + c * g.H * g.W : nullptr;
+      for (int64_t ry = 0; ry < g.sh; ++ry) {
+        for (int64_t rx = 0; rx < g.sw; ++rx) {
+          const int64_t j0 = std::max<int64_t>(0, (g.pw - rx + g.sw - 1) / g.sw);
+          const int64_t j1 = std::min<int64_t>(f.Wq, (g.W + g.pw - rx + g.sw - 1) / g.sw);
+          if (j1 <= j0) continue;
+          T* ph = buf + (c * f.chan + (ry * g.sw + rx) * f.plane) * VL + l;
+          for (int64_t i = 0; i < f.Hq; ++i) {
+            const int64_t h = g.sh * i + ry - g.ph;
+            if (h < 0 || h >= g.H) continue;
+            const T* src = xi + h * g.W + rx - g.pw;
+            const T* gsrc = gi ? gi + h * g.W + rx - g.pw : nullptr;
+            T* dst = ph + i * f.Wq * VL;
+            for (int64_t j = j0; j < j1; ++j) {
+              const T v = src[g.sw * j];
+              dst[j * VL] = (gsrc && gsrc[g.sw * j] <= T(0)) ? T(0) : v;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// A per-thread scratch array of at least n elements, kept between calls (the lane buffers
+// are hundreds of KB: allocated per call, their pages would fault in on every call).
+template <typename T>
+inline T* scratch(size_t n) {
+  thread_local std::vector<T> v;
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
+template <typename T, int NC, int NR>
+inline void lanes_tile(const T* xb, int64_t WqL, const int32_t* off, const T* vals, int64_t nk,
+                       T b0, T* out) {
+  typedef T V __attribute__((vector_size(kVecBytes)));
+  constexpr int VL = kVecBytes / sizeof(T);
+  V acc[NR][NC];
+  for (int r = 0; r < NR; ++r)
+    for (int c = 0; c < NC; ++c) acc[r][c] = V{} + b0;
+  for (int64_t k = 0; k < nk; ++k) {
+    const T* p = xb + static_cast<int64_t>(off[k]) * VL;
+    const T v = vals[k];
+#pragma GCC unroll 16
+    for (int r = 0; r < NR; ++r) {
+#pragma GCC unroll 16
+      for (int c = 0; c < NC; ++c) {
+        V xv;
+        __builtin_memcpy(&xv, p + r * WqL + c * VL, sizeof(V));
+        acc[r][c] += v * xv;
+      }
+    }
+  }
+  __builtin_memcpy(out, acc, sizeof(acc));
+}
+
+template <typename T, int NC, int NR = kLanePixels / NC>
+inline void lanes_tile_n(int nr, const T* xb, int64_t WqL, const int32_t* off, const T* vals,
+                         int64_t nk, T b0, T* out) {
+  if constexpr (NR > 1) {
+    if (nr < NR) return lanes_tile_n<T, NC, NR - 1>(nr, xb, WqL, off, vals, nk, b0, out);
+  }
+  lanes_tile<T, NC, NR>(xb, WqL, off, vals, nk, b0, out);
+}
+
+// Output channels [oc0, oc1) of the nl images from n0 held in buf's lanes.
+template <typename T>
+void lanes_image(const Geom& g, const FlatPlan<T>& f, const T* buf, int64_t n0, int64_t nl,
+                 int64_t oc0, int64_t oc1, const int64_t* rowptr, const T* val, const T* bias,
+                 bool relu, T* y) {
+  constexpr int64_t VL = kVecBytes / sizeof(T);
+  const int64_t Cg = g.C / g.G, OCg = g.OC / g.G, P = g.OH * g.OW, WqL = f.Wq * VL;
+  alignas(64) T out[kLanePixels * VL];
+  for (int64_t oc = oc0; oc < oc1; ++oc) {
+    const int64_t k0 = rowptr[oc], nk = rowptr[oc + 1] - k0;
+    const T* xc = buf + (oc / OCg) * Cg * f.chan * VL;
+    const T b0 = bias ? bias[oc] : T(0);
+    const int32_t* o = f.off.data() + k0;
+    for (int64_t c0 = 0; c0 < g.OW;) {
+      const int64_t left = g.OW - c0;
+      const int nc = left >= 16 ? 16 : left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+      const int nrmax = kLanePixels / nc;
+      for (int64_t r0 = 0; r0 < g.OH; r0 += nrmax) {
+        const int nr = static_cast<int>(std::min<int64_t>(nrmax, g.OH - r0));
+        const T* xb = xc + (r0 * f.Wq + c0) * VL;
+        switch (nc) {
+          case 16: lanes_tile_n<T, 16>(nr, xb, WqL, o, val + k0, nk, b0, out); break;
+          case 8: lanes_tile_n<T, 8>(nr, xb, WqL, o, val + k0, nk, b0, out); break;
+          case 4: lanes_tile_n<T, 4>(nr, xb, WqL, o, val + k0, nk, b0, out); break;
+          case 2: lanes_tile_n<T, 2>(nr, xb, WqL, o, val + k0, nk, b0, out); break;
+          default: lanes_tile_n<T, 1>(nr, xb, WqL, o, val + k0, nk, b0, out); break;
+        }
+        for (int64_t l = 0; l < nl; ++l) {
+          T* yp = y + ((n0 + l) * g.OC + oc) * P + r0 * g.OW + c0;
+          for (int r = 0; r < nr; ++r)
+            for (int c = 0; c < nc; ++c) {
+              const T v = out[(r * nc + c) * VL + l];
+              yp[r * g.OW + c] = (relu && v < T(0)) ? T(0) : v;
+            }
+        }
+      }
+      c0 += nc;
+    }
+  }
+}
+
+template <typename T>
+void conv_forward_lanes(const Geom& g, const FlatPlan<T>& f, const T* x, const T* gate,
+                        const int64_t* rowptr, const T* val, const T* bias, bool relu, T* y) {
+  constexpr int64_t VL = kVecBytes / sizeof(T);
+  const size_t buflen = static_cast<size_t>(g.C * f.chan * VL);
+  const int64_t groups = (g.N + VL - 1) / VL;
+  const int nt = omp_get_max_threads();
+  if (groups >= nt) {
+#pragma omp parallel
+    {
+      T* buf = scratch<T>(buflen);
+      std::fill(buf, buf + buflen, T(0));
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t q = 0; q < groups; ++q) {
+        const int64_t nl = std::min<int64_t>(VL, g.N - q * VL);
+        pad_lanes(g, f, x, gate, q * VL, nl, buf);
+        lanes_image(g, f, buf, q * VL, nl, 0, g.OC, rowptr, val, bias, relu, y);
+      }
+    }
+    return;
+  }
+  T* buf = scratch<T>(buflen);  // fewer groups than threads: split the channels
+  std::fill(buf, buf + buflen, T(0));
+  const int64_t chunk = std::max<int64_t>(1, (g.OC + 4 * nt - 1) / (4 * nt));
+  for (int64_t q = 0; q < groups; ++q) {
+    const int64_t nl = std::min<int64_t>(VL, g.N - q * VL);
+    pad_lanes(g, f, x, gate, q * VL, nl, buf);
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t oc0 = 0; oc0 < g.OC; oc0 += chunk)
+      lanes_image(g, f, buf, q * VL, nl, oc0, std::min(g.OC, oc0 + chunk), rowptr, val, bias,
+                  relu, y);
+  }
+}
+
 template <typename T, typename I>
 void conv_forward_tiled(const Geom& g, const T* x, const T* gate, const int64_t* rowptr,
                         const I* col, const T* val, const T* bias, bool relu, T* y) {
   const FlatPlan<T> f = flat_plan<T>(g, rowptr, col);
+  if (use_lanes<T>(g))
+    return conv_forward_lanes(g, f, x, gate, rowptr, val, bias, relu, y);
   // A tile may read up to one tile past the last plane: the slack keeps that in bounds.
   const size_t buflen = static_cast<size_t>(g.C * f.chan + f.tile);
   const int nt = omp_get_max_threads();
@@ -416,9 +591,18 @@ void conv_grad_input_direct(const Geom& g, const T* gy, const T* gate, const int
     return;
   }
   const FlatPlan<T> f = flat_plan<T>(t, rpT.data(), colT.data());
-  const size_t buflen = static_cast<size_t>(t.C * f.chan + f.tile);
   const size_t sclen = static_cast<size_t>(t.OC * t.OH * t.OW);
   const int64_t image = g.C * g.H * g.W;
+  if (use_lanes<T>(t)) {  // all images' phase planes, then interleaved
+    std::vector<T> sc(sclen * static_cast<size_t>(g.N));
+    conv_forward_lanes<T>(t, f, gy, gate, rpT.data(), valT.data(), nullptr, false, sc.data());
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < g.N; ++n)
+      interleave(g, t.OH, t.OW, sc.data() + n * static_cast<int64_t>(sclen), 0, g.C,
+                 gx + n * image);
+    return;
+  }
+  const size_t buflen = static_cast<size_t>(t.C * f.chan + f.tile);
   const int nt = omp_get_max_threads();
   if (g.N >= nt) {
 #pragma omp parallel
