@@ -219,6 +219,15 @@ def test_corrupt_cache_is_ignored_with_a_warning(monkeypatch, _private_cache):
     assert json.loads(_private_cache.read_text())["format"] == _autotune.FORMAT  # rewritten
 
 
+def test_measurements_of_other_sources_are_not_reused(monkeypatch, _private_cache):
+    """A cache file named by the environment variable outlives a change of the kernels:
+    its records are dropped when its fingerprint is not this build's."""
+    _autotune.write({"k": {"choice": "torch"}}, _private_cache)
+    assert _autotune.read(_private_cache) == {"k": {"choice": "torch"}}
+    monkeypatch.setattr(_autotune, "_fingerprint", "0" * 12)  # e.g. an edited kernel
+    assert _autotune.read(_private_cache) == {}
+
+
 def test_unwritable_cache_keeps_choices_in_memory(monkeypatch, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")

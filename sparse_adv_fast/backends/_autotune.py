@@ -322,6 +322,11 @@ def read(path: Path | None = None) -> dict[str, dict]:
     if isinstance(data, dict) and isinstance(data.get("format"), int) \
             and data["format"] != FORMAT:
         return {}  # another version's measurements: measured again, silently
+    if isinstance(data, dict) and data.get("fingerprint") != fingerprint():
+        # Measured on another host, torch or kernel source. The default path already has
+        # the fingerprint in its name; a path given by the environment variable does not,
+        # and without this check it would keep serving the old kernels' timings.
+        return {}
     choices = data.get("choices") if isinstance(data, dict) else None
     if not isinstance(choices, dict):
         _warn_once(path, "read", f"sparse_adv_fast: ignoring dispatch cache {path} of an "
