@@ -78,6 +78,33 @@ inline void flat_tile_n(int nv, const T* xb, const int32_t* off, const T* vals, 
   }
 }
 
+// acc[r][j] = b0 + sum over the kept taps k of vals[k] * the vector at
+// xb + off[k] * Scale + r * Wp + j * VL: the register tile both row tiles (Scale 1) and
+// batch-lane tiles (Scale VL, one vector a pixel) accumulate.
+template <typename T, int VB, int NCV, int NR, int Scale>
+inline void tile_accumulate(const T* xb, int64_t Wp, const int32_t* off, const T* vals,
+                            int64_t nk, T b0, T (*acc)[NCV][VB / sizeof(T)]) {
+  typedef T V __attribute__((vector_size(VB)));
+  constexpr int VL = VB / sizeof(T);
+  V a[NR][NCV];
+  for (int r = 0; r < NR; ++r)
+    for (int j = 0; j < NCV; ++j) a[r][j] = V{} + b0;
+  for (int64_t k = 0; k < nk; ++k) {
+    const T* p = xb + static_cast<int64_t>(off[k]) * Scale;
+    const T v = vals[k];
+#pragma GCC unroll 16
+    for (int r = 0; r < NR; ++r) {
+#pragma GCC unroll 16
+      for (int j = 0; j < NCV; ++j) {
+        V xv;
+        __builtin_memcpy(&xv, p + r * Wp + j * VL, sizeof(V));
+        a[r][j] += v * xv;
+      }
+    }
+  }
+  __builtin_memcpy(acc, a, sizeof(a));
+}
+
 // Row tiles, for output rows a whole number of vectors wide: NR output rows x NCV vectors of
 // one channel accumulate in registers over its kept taps and are stored straight into y
 // (no padding columns computed, no staging copy).
@@ -86,27 +113,15 @@ inline void rows_tile(const T* xb, int64_t Wp, const int32_t* off, const T* vals
                       T b0, bool relu, T* yb, int64_t OW) {
   typedef T V __attribute__((vector_size(VB)));
   constexpr int VL = VB / sizeof(T);
-  V acc[NR][NCV];
+  alignas(64) T acc[NR][NCV][VL];
+  tile_accumulate<T, VB, NCV, NR, 1>(xb, Wp, off, vals, nk, b0, acc);
   for (int r = 0; r < NR; ++r)
-    for (int j = 0; j < NCV; ++j) acc[r][j] = V{} + b0;
-  for (int64_t k = 0; k < nk; ++k) {
-    const T* p = xb + off[k];
-    const T v = vals[k];
-#pragma GCC unroll 8
-    for (int r = 0; r < NR; ++r) {
-#pragma GCC unroll 8
-      for (int j = 0; j < NCV; ++j) {
-        V xv;
-        __builtin_memcpy(&xv, p + r * Wp + j * VL, sizeof(V));
-        acc[r][j] += v * xv;
-      }
+    for (int j = 0; j < NCV; ++j) {
+      V a;
+      __builtin_memcpy(&a, acc[r][j], sizeof(V));
+      if (relu) a = a < V{} ? V{} : a;  // max(a, 0) that keeps NaN, as torch's relu does
+      __builtin_memcpy(yb + r * OW + j * VL, &a, sizeof(V));
     }
-  }
-  if (relu)  // max(acc, 0) that keeps NaN, as torch's relu does
-    for (int r = 0; r < NR; ++r)
-      for (int j = 0; j < NCV; ++j) acc[r][j] = acc[r][j] < V{} ? V{} : acc[r][j];
-  for (int r = 0; r < NR; ++r)
-    for (int j = 0; j < NCV; ++j) __builtin_memcpy(yb + r * OW + j * VL, &acc[r][j], sizeof(V));
 }
 
 template <typename T, int VB, int NCV, int NR = 8 / NCV>
@@ -357,25 +372,9 @@ inline T* scratch(size_t n) {
 template <typename T, int NC, int NR>
 inline void lanes_tile(const T* xb, int64_t WqL, const int32_t* off, const T* vals, int64_t nk,
                        T b0, T* out) {
-  typedef T V __attribute__((vector_size(kVecBytes)));
   constexpr int VL = kVecBytes / sizeof(T);
-  V acc[NR][NC];
-  for (int r = 0; r < NR; ++r)
-    for (int c = 0; c < NC; ++c) acc[r][c] = V{} + b0;
-  for (int64_t k = 0; k < nk; ++k) {
-    const T* p = xb + static_cast<int64_t>(off[k]) * VL;
-    const T v = vals[k];
-#pragma GCC unroll 16
-    for (int r = 0; r < NR; ++r) {
-#pragma GCC unroll 16
-      for (int c = 0; c < NC; ++c) {
-        V xv;
-        __builtin_memcpy(&xv, p + r * WqL + c * VL, sizeof(V));
-        acc[r][c] += v * xv;
-      }
-    }
-  }
-  __builtin_memcpy(out, acc, sizeof(acc));
+  tile_accumulate<T, kVecBytes, NC, NR, VL>(xb, WqL, off, vals, nk, b0,
+                                            reinterpret_cast<T (*)[NC][VL]>(out));
 }
 
 template <typename T, int NC, int NR = kLanePixels / NC>
