@@ -12,7 +12,6 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <climits>
 #include <cstdint>
 #include <vector>
 
@@ -361,8 +360,9 @@ inline void pad_lanes(const Geom& g, const FlatPlan<T>& f, const T* x, const T* 
 }
 
 // A per-thread scratch array of at least n elements, kept between calls (the lane buffers
-// are hundreds of KB: allocated per call, their pages would fault in on every call).
-template <typename T>
+// are hundreds of KB: allocated per call, their pages would fault in on every call). Slot 0
+// is the lane buffer, slot 1 the input gradient's phase planes, in use at the same time.
+template <typename T, int Slot>
 inline T* scratch(size_t n) {
   thread_local std::vector<T> v;
   if (v.size() < n) v.resize(n);
@@ -437,7 +437,7 @@ void conv_forward_lanes(const Geom& g, const FlatPlan<T>& f, const T* x, const T
   if (groups >= nt) {
 #pragma omp parallel
     {
-      T* buf = scratch<T>(buflen);
+      T* buf = scratch<T, 0>(buflen);
       std::fill(buf, buf + buflen, T(0));
 #pragma omp for schedule(dynamic, 1)
       for (int64_t q = 0; q < groups; ++q) {
@@ -448,7 +448,7 @@ void conv_forward_lanes(const Geom& g, const FlatPlan<T>& f, const T* x, const T
     }
     return;
   }
-  T* buf = scratch<T>(buflen);  // fewer groups than threads: split the channels
+  T* buf = scratch<T, 0>(buflen);  // fewer groups than threads: split the channels
   std::fill(buf, buf + buflen, T(0));
   const int64_t chunk = std::max<int64_t>(1, (g.OC + 4 * nt - 1) / (4 * nt));
   for (int64_t q = 0; q < groups; ++q) {
@@ -461,12 +461,14 @@ void conv_forward_lanes(const Geom& g, const FlatPlan<T>& f, const T* x, const T
   }
 }
 
-template <typename T, typename I>
-void conv_forward_tiled(const Geom& g, const T* x, const T* gate, const int64_t* rowptr,
-                        const I* col, const T* val, const T* bias, bool relu, T* y) {
-  const FlatPlan<T> f = flat_plan<T>(g, rowptr, col);
-  if (use_lanes<T>(g))
-    return conv_forward_lanes(g, f, x, gate, rowptr, val, bias, relu, y);
+// Row / flat tiles over every image of x: image by image, each padded into its thread's
+// buffer, or (fewer images than threads) one image at a time split by output channels, in
+// chunks a multiple of `align`. out(n) gives where image n's channels go (OC x OH x OW);
+// done(n, oc0, oc1, o) runs once channels [oc0, oc1) of image n are in o = out(n).
+template <typename T, typename Out, typename Done>
+void tiled_images(const Geom& g, const FlatPlan<T>& f, const T* x, const T* gate,
+                  const int64_t* rowptr, const T* val, const T* bias, bool relu, int64_t align,
+                  Out out, Done done) {
   // A tile may read up to one tile past the last plane: the slack keeps that in bounds.
   const size_t buflen = static_cast<size_t>(g.C * f.chan + f.tile);
   const int nt = omp_get_max_threads();
@@ -477,20 +479,37 @@ void conv_forward_tiled(const Geom& g, const T* x, const T* gate, const int64_t*
 #pragma omp for schedule(dynamic, 1)
       for (int64_t n = 0; n < g.N; ++n) {
         pad_image(g, f, x, gate, n, buf.data());
-        image_conv(g, f, buf.data(), n, 0, g.OC, rowptr, val, bias, relu, y);
+        T* o = out(n);
+        image_conv(g, f, buf.data(), 0, 0, g.OC, rowptr, val, bias, relu, o);
+        done(n, 0, g.OC, o);
       }
     }
     return;
   }
-  std::vector<T> buf(buflen, T(0));  // fewer images than threads: split the channels
-  const int64_t chunk = std::max<int64_t>(1, (g.OC + 4 * nt - 1) / (4 * nt));
+  std::vector<T> buf(buflen, T(0));
+  const int64_t per = (g.OC + 4 * nt - 1) / (4 * nt);
+  const int64_t chunk = std::max<int64_t>(1, (per + align - 1) / align) * align;
   for (int64_t n = 0; n < g.N; ++n) {
     pad_image(g, f, x, gate, n, buf.data());
+    T* o = out(n);
 #pragma omp parallel for schedule(dynamic, 1)
-    for (int64_t oc0 = 0; oc0 < g.OC; oc0 += chunk)
-      image_conv(g, f, buf.data(), n, oc0, std::min(g.OC, oc0 + chunk), rowptr, val, bias, relu,
-                 y);
+    for (int64_t oc0 = 0; oc0 < g.OC; oc0 += chunk) {
+      const int64_t oc1 = std::min(g.OC, oc0 + chunk);
+      image_conv(g, f, buf.data(), 0, oc0, oc1, rowptr, val, bias, relu, o);
+      done(n, oc0, oc1, o);
+    }
   }
+}
+
+template <typename T, typename I>
+void conv_forward_tiled(const Geom& g, const T* x, const T* gate, const int64_t* rowptr,
+                        const I* col, const T* val, const T* bias, bool relu, T* y) {
+  const FlatPlan<T> f = flat_plan<T>(g, rowptr, col);
+  if (use_lanes<T>(g))
+    return conv_forward_lanes(g, f, x, gate, rowptr, val, bias, relu, y);
+  tiled_images(g, f, x, gate, rowptr, val, bias, relu, 1,
+               [&](int64_t n) { return y + n * g.OC * g.OH * g.OW; },
+               [](int64_t, int64_t, int64_t, const T*) {});
 }
 
 // Per axis of the input gradient, the polyphase view of a tap k (dilation d, padding p,
@@ -548,7 +567,7 @@ void interleave(const Geom& g, int64_t Qh, int64_t Qw, const T* sc, int64_t c0, 
 // shifts `phases` gives (for stride 1: the tap-flipped, transposed weight with padding
 // d*(k-1)-p). That CSR (rows = phase planes) is rebuilt per call by a counting sort, O(nnz),
 // so no transposed copy of the weight is cached. The convolution runs on the forward's
-// tiled kernel; with S > 1 each image's planes go to a scratch buffer, interleaved into gx.
+// tiled kernel; with S > 1 its phase planes go to a scratch buffer, interleaved into gx.
 // Every MAC done is one of the forward's: no scatter and no zero-initialised output.
 template <typename T, typename I>
 void conv_grad_input_direct(const Geom& g, const T* gy, const T* gate, const int64_t* rowptr,
@@ -590,45 +609,22 @@ void conv_grad_input_direct(const Geom& g, const T* gy, const T* gate, const int
     return;
   }
   const FlatPlan<T> f = flat_plan<T>(t, rpT.data(), colT.data());
-  const size_t sclen = static_cast<size_t>(t.OC * t.OH * t.OW);
-  const int64_t image = g.C * g.H * g.W;
+  const int64_t planes = t.OC * t.OH * t.OW, image = g.C * g.H * g.W;
   if (use_lanes<T>(t)) {  // all images' phase planes, then interleaved
-    std::vector<T> sc(sclen * static_cast<size_t>(g.N));
-    conv_forward_lanes<T>(t, f, gy, gate, rpT.data(), valT.data(), nullptr, false, sc.data());
+    T* sc = scratch<T, 1>(static_cast<size_t>(g.N * planes));
+    conv_forward_lanes<T>(t, f, gy, gate, rpT.data(), valT.data(), nullptr, false, sc);
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < g.N; ++n)
-      interleave(g, t.OH, t.OW, sc.data() + n * static_cast<int64_t>(sclen), 0, g.C,
-                 gx + n * image);
+      interleave(g, t.OH, t.OW, sc + n * planes, 0, g.C, gx + n * image);
     return;
   }
-  const size_t buflen = static_cast<size_t>(t.C * f.chan + f.tile);
-  const int nt = omp_get_max_threads();
-  if (g.N >= nt) {
-#pragma omp parallel
-    {
-      std::vector<T> buf(buflen, T(0)), sc(sclen);
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t n = 0; n < g.N; ++n) {
-        pad_image(t, f, gy, gate, n, buf.data());
-        image_conv<T>(t, f, buf.data(), 0, 0, t.OC, rpT.data(), valT.data(), nullptr, false,
-                   sc.data());
-        interleave(g, t.OH, t.OW, sc.data(), 0, g.C, gx + n * image);
-      }
-    }
-    return;
-  }
-  std::vector<T> buf(buflen, T(0)), sc(sclen);
-  const int64_t chunk = std::max<int64_t>(1, (g.C + 4 * nt - 1) / (4 * nt));
-  for (int64_t n = 0; n < g.N; ++n) {
-    pad_image(t, f, gy, gate, n, buf.data());
-#pragma omp parallel for schedule(dynamic, 1)
-    for (int64_t c0 = 0; c0 < g.C; c0 += chunk) {
-      const int64_t c1 = std::min(g.C, c0 + chunk);
-      image_conv<T>(t, f, buf.data(), 0, c0 * S, c1 * S, rpT.data(), valT.data(), nullptr, false,
-                 sc.data());
-      interleave(g, t.OH, t.OW, sc.data(), c0, c1, gx + n * image);
-    }
-  }
+  // Image by image, into a scratch of one image's phase planes that stays in cache while it
+  // is interleaved (all images' planes at once would make the interleave a memory pass).
+  tiled_images<T>(t, f, gy, gate, rpT.data(), valT.data(), nullptr, false, S,
+               [&](int64_t) { return scratch<T, 1>(static_cast<size_t>(planes)); },
+               [&](int64_t n, int64_t oc0, int64_t oc1, const T* o) {
+                 interleave(g, t.OH, t.OW, o, oc0 / S, oc1 / S, gx + n * image);
+               });
 }
 
 template <typename T, typename I>
