@@ -582,24 +582,38 @@ void conv_grad_input_direct(const Geom& g, const T* gy, const T* gate, const int
   t.ph = -py.lo; t.pw = -px.lo;
   t.OH = (g.H + g.sh - 1) / g.sh; t.OW = (g.W + g.sw - 1) / g.sw;
   const int64_t KT = t.KH * t.KW;
-  auto plane = [&](int64_t oc, int64_t code) {  // row of the transposed CSR
-    const int64_t kk = code % KK, ky = kk / g.KW, kx = kk % g.KW;
-    return ((oc / OCg) * Cg + code / KK) * S + py.phase[ky] * g.sw + px.phase[kx];
-  };
+  // Per column code of the forward CSR, its row (phase plane, within the group) and column
+  // code in the transposed CSR, tabulated once: per stored weight that is two lookups, not
+  // the divisions that cost as much as a small layer's convolution (this runs every call).
+  std::vector<int64_t> row_of(static_cast<size_t>(Cg * KK));
+  std::vector<int32_t> code_of(static_cast<size_t>(Cg * KK));
+  for (int64_t ky = 0; ky < g.KH; ++ky)
+    for (int64_t kx = 0; kx < g.KW; ++kx) {
+      const int64_t kk = ky * g.KW + kx;
+      row_of[kk] = py.phase[ky] * g.sw + px.phase[kx];
+      code_of[kk] = static_cast<int32_t>((py.delta[ky] - py.lo) * t.KW + px.delta[kx] - px.lo);
+    }
+  for (int64_t cl = 1; cl < Cg; ++cl)
+    for (int64_t kk = 0; kk < KK; ++kk) {
+      row_of[cl * KK + kk] = cl * S + row_of[kk];
+      code_of[cl * KK + kk] = code_of[kk];
+    }
   std::vector<int64_t> rpT(static_cast<size_t>(t.OC + 1), 0);
-  for (int64_t oc = 0; oc < g.OC; ++oc)
-    for (int64_t k = rowptr[oc]; k < rowptr[oc + 1]; ++k) ++rpT[plane(oc, col[k]) + 1];
+  for (int64_t oc = 0; oc < g.OC; ++oc) {
+    int64_t* rp = rpT.data() + (oc / OCg) * Cg * S + 1;
+    for (int64_t k = rowptr[oc]; k < rowptr[oc + 1]; ++k) ++rp[row_of[col[k]]];
+  }
   for (int64_t r = 0; r < t.OC; ++r) rpT[r + 1] += rpT[r];
   std::vector<int64_t> fill(rpT.begin(), rpT.end() - 1);
   std::vector<int32_t> colT(static_cast<size_t>(nnz));
   std::vector<T> valT(static_cast<size_t>(nnz));
   for (int64_t oc = 0; oc < g.OC; ++oc) {
+    int64_t* fl = fill.data() + (oc / OCg) * Cg * S;
+    const int32_t base = static_cast<int32_t>((oc % OCg) * KT);
     // Reverse order within the row: for one input channel the shifted tap codes then rise.
     for (int64_t k = rowptr[oc + 1] - 1; k >= rowptr[oc]; --k) {
-      const int64_t code = col[k], kk = code % KK, ky = kk / g.KW, kx = kk % g.KW;
-      const int64_t at = fill[plane(oc, code)]++;
-      colT[at] = static_cast<int32_t>((oc % OCg) * KT + (py.delta[ky] - py.lo) * t.KW +
-                                      px.delta[kx] - px.lo);
+      const int64_t at = fl[row_of[col[k]]]++;
+      colT[at] = base + code_of[col[k]];
       valT[at] = val[k];
     }
   }
