@@ -87,6 +87,7 @@ STRIDED = [
     (1, 2, 9, 11, 3, 3, 2, 1, 1, 1),         # odd sizes, flat tiles
     (2, 3, 10, 17, 2, (3, 2), (2, 3), (1, 0), (1, 2), 1),  # mixed strides and dilation
     (2, 2, 13, 13, 3, 5, 3, 2, 1, 1),        # stride 3, 5x5
+    (2, 3, 12, 12, 4, 3, 2, 2, 2, 1),        # stride 2, dilation 2: odd phases never read
     (2, 2, 8, 8, 2, 3, 2, 4, 1, 1),          # padding wider than the kernel
     (1, 18, 9, 10, 4, 3, 2, 1, 1, 1),        # one image: input channels split, 3 a task
     (17, 5, 8, 8, 6, 3, 2, 1, 1, 1),         # 8x8 -> 4x4 (gradient over 4x4: batch lanes)

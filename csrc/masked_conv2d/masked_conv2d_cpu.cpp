@@ -142,6 +142,9 @@ template <typename T>
 struct FlatPlan {
   int64_t Hq, Wq, plane, chan, Lf, VB, VL, tile;
   std::vector<int32_t> off;  // per stored weight: its input offset within the image buffer
+  // Per phase (ry * sw + rx): whether a tap reads it. A 1x1 stride-2 shortcut reads one
+  // phase of four; the others are never copied.
+  std::vector<char> read;
 };
 
 template <typename T, typename I>
@@ -165,9 +168,11 @@ FlatPlan<T> flat_plan(const Geom& g, const int64_t* rowptr, const I* col) {
   // runs on every call, and nnz divisions cost as much as a small layer's convolution.
   const int64_t KK = g.KH * g.KW, nnz = rowptr[g.OC], Cg = g.C / g.G;
   std::vector<int32_t> tab(static_cast<size_t>(Cg * KK));
+  f.read.assign(static_cast<size_t>(g.sh * g.sw), 0);
   for (int64_t kk = 0; kk < KK; ++kk) {
     const int64_t ty = (kk / g.KW) * g.dh, tx = (kk % g.KW) * g.dw;
     const int64_t phase = (ty % g.sh) * g.sw + tx % g.sw;
+    f.read[phase] = 1;
     tab[kk] = static_cast<int32_t>(phase * f.plane + (ty / g.sh) * f.Wq + tx / g.sw);
   }
   for (int64_t cl = 1; cl < Cg; ++cl)
@@ -189,6 +194,7 @@ inline void pad_image(const Geom& g, const FlatPlan<T>& f, const T* x, const T* 
   const T* gi = gate ? gate + n * g.C * g.H * g.W : nullptr;
   for (int64_t ry = 0; ry < g.sh; ++ry) {
     for (int64_t rx = 0; rx < g.sw; ++rx) {
+      if (!f.read[ry * g.sw + rx]) continue;
       // Columns j whose source column sw*j + rx - pw lies in [0, W).
       const int64_t j0 = std::max<int64_t>(0, (g.pw - rx + g.sw - 1) / g.sw);
       const int64_t j1 = std::min<int64_t>(f.Wq, (g.W + g.pw - rx + g.sw - 1) / g.sw);
@@ -338,6 +344,7 @@ inline void pad_lanes(const Geom& g, const FlatPlan<T>& f, const T* x, const T* 
       const T* gi = gate ? gate + (n0 + l) * img + c * g.H * g.W : nullptr;
       for (int64_t ry = 0; ry < g.sh; ++ry) {
         for (int64_t rx = 0; rx < g.sw; ++rx) {
+          if (!f.read[ry * g.sw + rx]) continue;
           const int64_t j0 = std::max<int64_t>(0, (g.pw - rx + g.sw - 1) / g.sw);
           const int64_t j1 = std::min<int64_t>(f.Wq, (g.W + g.pw - rx + g.sw - 1) / g.sw);
           if (j1 <= j0) continue;
