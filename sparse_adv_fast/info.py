@@ -44,7 +44,8 @@ def collect() -> dict[str, object]:
 
 def _print_dispatch(choices: dict[str, dict]) -> None:
     print(f"dispatch choices ({len(choices)} measured; auto takes the fastest, and anything but "
-          f"torch only when at least {_autotune.MARGIN:.0%} faster than torch):")
+          f"torch only when at least {_autotune.MARGIN:.0%} faster than torch, "
+          f"{_autotune.DENSE_MARGIN:.0%} above density {_autotune.DENSE_FROM:g}):")
     if not choices:
         print("  none yet: they are measured on first use of each op/shape")
     for text in sorted(choices):

@@ -261,3 +261,62 @@ def test_folded_cnn_takes_the_fast_pool_and_matches_the_model():
             (g,) = torch.autograd.grad(out.square().sum(), xf)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(g, gref, rtol=1e-12, atol=1e-12)
+
+
+def test_plain_convs_are_dispatched_and_residual_sums_run_in_place(monkeypatch, tmp_path):
+    """A dense ResNet's plain convs run through the masked op with an all-kept mask: with a
+    timer that makes the CSR kernels win by more than the near-dense margin, their input
+    gradients run there, and the folded model still computes the model's value and input
+    gradient. Each block's residual sum goes into its conv's output, and the ReLU after it
+    runs in place."""
+    from conftest import cpu_backends
+
+    from sparse_adv_fast.backends import _autotune, _cpp
+
+    if "cpp" not in cpu_backends():
+        pytest.skip("needs a C++ compiler")
+    ran: list[int] = []
+    real = _cpp.SparseConv2d.grad_input
+    monkeypatch.setattr(_cpp.SparseConv2d, "grad_input",
+                        lambda self, *a: ran.append(1) or real(self, *a))
+    monkeypatch.setenv(_autotune.ENV_CACHE, str(tmp_path / "dispatch.json"))
+    saf.backends.reset()
+    model = _resnet(sparse=False)
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    csr_wins = _autotune.use_timer(
+        lambda key, fns: {n: (1.0 if n == "cpp-sparse" else 3.0) for n in fns})
+    try:
+        with csr_wins, _hygiene.attack_mode(model):
+            xr = x.clone().requires_grad_()
+            ref = model(xr)
+            (gref,) = torch.autograd.grad(ref.square().sum(), xr)
+            for _ in range(2):  # the first call of a shape chooses; the second skips the op
+                with _fold.folded(model) as fm:
+                    xf = x.clone().requires_grad_()
+                    out = fm(xf)
+                    (g,) = torch.autograd.grad(out.square().sum(), xf)
+    finally:
+        saf.backends.reset()
+    assert not any(isinstance(m, saf.nn.MaskedConv2d) for m in model.modules())
+    assert ran  # the plain convs' input gradients ran on the CSR kernels
+    targets = [n.target for n in fm.graph.nodes if n.op == "call_function"]
+    assert targets.count(_fold._add_into) == 8 and targets.count(torch.relu_) == 8
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(g, gref, rtol=1e-10, atol=1e-10)
+
+
+def test_residual_sum_goes_in_place_only_where_the_result_fits_the_conv_output():
+    a, b = torch.randn(2, 3, 4, 4), torch.randn(1, 3, 1, 1)
+    want = a + b
+    into = a.clone()
+    out = _fold._add_into(into, b)
+    assert out.data_ptr() == into.data_ptr()
+    torch.testing.assert_close(out, want)
+    small = b.clone()  # the sum is larger than the conv output: a new tensor
+    out = _fold._add_into(small, a)
+    assert out.data_ptr() != small.data_ptr() and torch.equal(small, b)
+    torch.testing.assert_close(out, want)
+    wide = a.double()  # the sum promotes to float64: a new tensor
+    out = _fold._add_into(a.clone(), wide)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, a.double() + wide)

@@ -140,6 +140,28 @@ def test_never_slower_than_the_reference():
     assert _autotune.rule({}) == "torch"
 
 
+def test_near_dense_weights_need_the_wider_margin(monkeypatch):
+    """Above DENSE_FROM a candidate must beat torch by DENSE_MARGIN, through the whole
+    measure path: 1.5x is not enough at density 0.9 and is at 0.05; 2.5x wins at 0.9."""
+    assert _autotune.DENSE_MARGIN > 1 - 1 / 1.5  # the 1.5x case below must be refused
+    fake = FakeSparse()
+    fake.max_density = None  # the fake is admissible at any density
+    _with_fake(monkeypatch, fake)
+    for density, speedup, rows, sparse_runs in ((0.9, 1.5, 6, False), (0.05, 1.5, 6, True),
+                                                (0.9, 2.5, 40, True)):
+        timer = FakeTimer(lambda key, name, s=speedup: 1.0 / s if name != "torch" else 1.0)
+        x, w, mask = _linear_case(density, rows)  # rows: a key of its own
+        with _autotune.use_timer(timer):
+            _check_linear(x, w, mask)  # first use: measured
+            fake.calls.clear()
+            _check_linear(x, w, mask)
+        assert len(timer.keys) == 1
+        assert (fake.calls == ["forward"]) == sparse_runs, (density, speedup)
+    key = timer.keys[0]
+    assert _autotune.margin(key) == _autotune.DENSE_MARGIN
+    assert _autotune.margin(key._replace(density=0.5)) == _autotune.MARGIN
+
+
 def test_a_candidate_that_raises_is_skipped(monkeypatch, _private_cache):
     fake, timer = FakeSparse(fail=True), FakeTimer(lambda key, name: 1.0 if name != "torch" else 9.)
     _with_fake(monkeypatch, fake)
