@@ -15,9 +15,9 @@ they clamp its output as they store it and gate the output gradient as they read
 saving the ReLU's two passes over the activation. Every folded conv, plain ones included
 (with a mask that keeps every weight), runs through the masked op, so dispatch picks its
 kernels by measurement. A residual sum that alone reads a conv's output is added into
-that output, and a ReLU that alone reads the sum runs in place. In a model with something to fold, each
-``nn.MaxPool2d`` runs its CPU forward in channels_last (same values and gradients, see
-:class:`_MaxPool`). Only a model holding a conv and such a
+that output, and a ReLU that alone reads the sum runs in place. In a model with
+something to fold, each ``nn.MaxPool2d`` runs its CPU forward in channels_last (same
+values and gradients, see :class:`_MaxPool`). Only a model holding a conv and such a
 batch norm, or a masked conv, is traced (once per module tree: tracing runs its forward
 on proxies), and one that does not trace runs as it is. The folded model differs from
 the model only by float rounding (the scaling is applied to the weight instead of the
