@@ -84,7 +84,7 @@ class _FoldedConv(nn.Module):
             mask = conv.weight_mask if self.bn[0] is not None else conv._masked_inputs()[1]
         else:
             mask = self._kept
-            if mask is None or mask.shape != self.weight.shape or mask.device != x.device:
+            if mask is None or mask.shape != self.weight.shape or mask.device != self.weight.device:
                 mask = self._kept = torch.ones(self.weight.shape, dtype=torch.bool,
                                                device=self.weight.device)
         return SF.masked_conv2d(x, self.weight, mask, self.bias, *args, relu=self.relu)
