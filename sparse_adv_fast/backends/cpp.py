@@ -60,7 +60,8 @@ MAX_DENSITY = 0.5
 # The direct conv's forward and input gradient are timed at any density: they are no index
 # gathers but shifted-plane FMAs, and oneDNN's input gradient of a thin conv (a ResNet's
 # first, 3 input channels) takes about twice theirs on CPU even with every weight kept.
-# Noise cannot hand them a dense layer: a pick needs confirmed minima and a 5 % margin.
+# Noise cannot hand them a dense layer: a pick needs confirmed minima and, above density
+# 0.5, a 40 % margin (``_autotune.DENSE_MARGIN``).
 CONV_MAX_DENSITY = {"forward": None, "grad_input": None, "grad_weight": MAX_DENSITY}
 
 
