@@ -263,11 +263,12 @@ def test_folded_cnn_takes_the_fast_pool_and_matches_the_model():
     torch.testing.assert_close(g, gref, rtol=1e-12, atol=1e-12)
 
 
-def test_plain_convs_are_dispatched_and_residual_sums_run_in_place(monkeypatch, tmp_path):
-    """A dense ResNet's plain convs run through the masked op with an all-kept mask: with a
-    timer that makes the CSR kernels win by more than the near-dense margin, their input
-    gradients run there, and the folded model still computes the model's value and input
-    gradient. Each block's residual sum goes into its conv's output, and the ReLU after it
+def test_plain_convs_stay_dense_and_residual_sums_run_in_place(monkeypatch, tmp_path):
+    """A dense ResNet's plain convs run through the masked op with an all-kept mask, and
+    even a timer that makes the CSR kernels win leaves them on torch (near-dense weights
+    are outside the CSR kernels' range: mis-timed on a loaded machine, they slowed a dense
+    ResNet-18 PGD-10 2.6x). The folded model computes the model's value and input
+    gradient; each block's residual sum goes into its conv's output, and the ReLU after it
     runs in place."""
     from conftest import cpu_backends
 
@@ -298,7 +299,7 @@ def test_plain_convs_are_dispatched_and_residual_sums_run_in_place(monkeypatch, 
     finally:
         saf.backends.reset()
     assert not any(isinstance(m, saf.nn.MaskedConv2d) for m in model.modules())
-    assert ran  # the plain convs' input gradients ran on the CSR kernels
+    assert not ran  # density 1: the CSR kernels are not candidates
     targets = [n.target for n in fm.graph.nodes if n.op == "call_function"]
     assert targets.count(_fold._add_into) == 8 and targets.count(torch.relu_) == 8
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)

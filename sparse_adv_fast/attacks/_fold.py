@@ -13,9 +13,9 @@ padding. A ReLU (module, function or method, no hooks) that alone reads a conv's
 output, batch norm folded or not, is folded too: where the sparse kernels run that conv
 they clamp its output as they store it and gate the output gradient as they read it,
 saving the ReLU's two passes over the activation. Every folded conv, plain ones included
-(with a mask that keeps every weight), runs through the masked op, so dispatch picks its
-kernels by measurement. A residual sum that alone reads a conv's output is added into
-that output, and a ReLU that alone reads the sum runs in place. In a model with
+(with a mask that keeps every weight), runs through the masked op. A residual sum that
+alone reads a conv's output is added into that output, and a ReLU that alone reads the
+sum runs in place. In a model with
 something to fold, each ``nn.MaxPool2d`` runs its CPU forward in channels_last (same
 values and gradients, see :class:`_MaxPool`). Only a model holding a conv and such a
 batch norm, or a masked conv, is traced (once per module tree: tracing runs its forward
@@ -45,10 +45,8 @@ class _FoldedConv(nn.Module):
     """``conv`` followed by the batch norm folded into it (if any) and by a ReLU (if
     ``relu``: the sparse kernels fuse it); weights set per attack.
 
-    A plain ``nn.Conv2d`` runs as a masked conv whose mask keeps every weight, so dispatch
-    times it too: oneDNN's input gradient of a ResNet's first conv (3 input channels)
-    takes about twice the direct kernel's on CPU, and dispatch keeps oneDNN wherever it
-    is faster."""
+    A plain ``nn.Conv2d`` runs as a masked conv whose mask keeps every weight (the torch
+    reference at that density), so its ReLU folds the same way."""
 
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> None:
         super().__init__()

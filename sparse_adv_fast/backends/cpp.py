@@ -57,12 +57,6 @@ def _check_sparse(t: Tensor, mask: Tensor) -> None:
 # the dense MACs through index gathers, which never beats oneDNN/BLAS, and on a noisy machine
 # a mistimed dense reference could otherwise hand a dense layer to them.
 MAX_DENSITY = 0.5
-# The direct conv's forward and input gradient are timed at any density: they are no index
-# gathers but shifted-plane FMAs, and oneDNN's input gradient of a thin conv (a ResNet's
-# first, 3 input channels) takes about twice theirs on CPU even with every weight kept.
-# Noise cannot hand them a dense layer: a pick needs confirmed minima and, above density
-# 0.5, a 40 % margin (``_autotune.DENSE_MARGIN``).
-CONV_MAX_DENSITY = {"forward": None, "grad_input": None, "grad_weight": MAX_DENSITY}
 
 
 class SparseLinear:
@@ -97,7 +91,7 @@ class SparseConv2d:
     """``masked_conv2d`` on the direct sparse kernels at any density: :mod:`._cpp_ops`'
     sparse functions, after :func:`_check_sparse`."""
 
-    max_density = CONV_MAX_DENSITY
+    max_density = MAX_DENSITY
 
     def __init__(self, ext: ModuleType) -> None:
         self._ext = ext
