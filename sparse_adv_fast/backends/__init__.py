@@ -289,12 +289,9 @@ class _Auto:
 
     def _admissible(self, name: str, key: _autotune.Key) -> bool:
         """Whether ``name`` may serve ``key``: a sparse kernel only within its density range
-        (``max_density``: one bound, or one per direction), also when a cache file written
-        by older code says otherwise."""
+        (``max_density``), also when a cache file written by older code says otherwise."""
         impl = _candidates(self.op, self.device).get(name)
         limit = getattr(impl, "max_density", None)
-        if isinstance(limit, dict):
-            limit = limit.get(key.direction)
         return limit is None or key.density is None or key.density <= limit
 
     def _static(self, direction: str) -> Callable[..., Any]:
