@@ -383,6 +383,48 @@ def test_sparse_kernels_are_not_timed_above_their_density_range(monkeypatch):
     assert fake.calls == [] and timer.keys == []  # torch alone remains: nothing to time
 
 
+def test_a_density_range_may_depend_on_the_mask_shape(monkeypatch):
+    """A callable ``max_density`` gets the mask's shape: at density 0.9 the fake is timed
+    (and, 2.5x faster, runs) for a mask it admits, and is not even timed for one it does
+    not."""
+    fake = FakeSparse()
+    seen = []
+
+    def limit(shape):
+        seen.append(shape)
+        return 1.0 if shape == (40, 32) else 0.5
+
+    fake.max_density = limit
+    _with_fake(monkeypatch, fake)
+    timer = FakeTimer(lambda key, name: 0.4 if name != "torch" else 1.0)
+    x, w, mask = _linear_case(0.9)
+    with _autotune.use_timer(timer):
+        _check_linear(x, w, mask)  # measured: the fake wins
+        fake.calls.clear()
+        _check_linear(x, w, mask)
+    assert fake.calls == ["forward"] and len(timer.keys) == 1 and (40, 32) in seen
+    torch.manual_seed(1)
+    x2, w2 = torch.randn(6, 16), torch.randn(40, 16)
+    m2 = torch.rand(40, 16) < 0.9
+    fake.calls.clear()
+    with _autotune.use_timer(timer):
+        _check_linear(x2, w2, m2)
+    assert fake.calls == [] and len(timer.keys) == 1  # not admitted: nothing timed
+
+
+def test_thin_convs_admit_the_direct_kernels_at_any_density():
+    """The cpp conv kernels' range: any density for a conv of at most THIN_CHANNELS input
+    channels a group (an RGB or grey stem, a depthwise conv), else MAX_DENSITY."""
+    from sparse_adv_fast.backends import cpp
+
+    limit = cpp.SparseConv2d.max_density
+    assert limit((16, 3, 3, 3)) == 1.0  # RGB stem
+    assert limit((16, 1, 7, 7)) == 1.0  # grey stem, or depthwise
+    assert limit((16, 4, 3, 3)) == cpp.MAX_DENSITY
+    assert limit((32, 16, 1, 1)) == cpp.MAX_DENSITY  # a 1x1 GEMM: few MACs, not thin
+    assert cpp.SparseLinear.max_density == cpp.MAX_DENSITY
+
+
 class ScriptedClock:
     """perf_counter that advances only when a fake kernel 'runs' for a scripted time."""
 

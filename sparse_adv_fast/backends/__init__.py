@@ -287,11 +287,14 @@ class _Auto:
         impl = _candidates(self.op, self.device).get(name)
         return None if impl is None else getattr(impl, direction, None)
 
-    def _admissible(self, name: str, key: _autotune.Key) -> bool:
+    def _admissible(self, name: str, key: _autotune.Key, mask: Tensor | None) -> bool:
         """Whether ``name`` may serve ``key``: a sparse kernel only within its density range
-        (``max_density``), also when a cache file written by older code says otherwise."""
+        (``max_density``: a number, or a function of the mask's shape), also when a cache
+        file written by older code says otherwise."""
         impl = _candidates(self.op, self.device).get(name)
         limit = getattr(impl, "max_density", None)
+        if callable(limit):
+            limit = limit(tuple(mask.shape)) if mask is not None else None
         return limit is None or key.density is None or key.density <= limit
 
     def _static(self, direction: str) -> Callable[..., Any]:
@@ -326,7 +329,7 @@ class _Auto:
                                  self.device, scope)
         name = _chosen.get(key)
         if name is None:
-            name = self._decide(key, direction, args, call.scratch)
+            name = self._decide(key, direction, args, call.scratch, mask)
             if name is None:
                 return self._static(direction)  # not remembered: measured when it can be
         fn = self._fn(name, direction) or getattr(self.reference, direction)
@@ -336,10 +339,10 @@ class _Auto:
         return fn
 
     def _decide(self, key: _autotune.Key, direction: str, args: tuple,
-                scratch: Callable[[], tuple] | None) -> str | None:
+                scratch: Callable[[], tuple] | None, mask: Tensor | None) -> str | None:
         text = key.text()
         rec = _records().get(text)
-        if rec is not None and self._admissible(rec["choice"], key) \
+        if rec is not None and self._admissible(rec["choice"], key, mask) \
                 and self._fn(rec["choice"], direction) is not None:
             _chosen[key] = rec["choice"]
             return rec["choice"]
@@ -350,7 +353,7 @@ class _Auto:
         fns = {_autotune.REFERENCE: getattr(self.reference, direction)}
         for name, impl in _candidates(self.op, self.device).items():
             fn = getattr(impl, direction, None)
-            if fn is not None and self._admissible(name, key):
+            if fn is not None and self._admissible(name, key, mask):
                 fns[name] = fn
         if len(fns) == 1:  # nothing to compare: no timing, and nothing worth writing down
             _chosen[key] = _autotune.REFERENCE

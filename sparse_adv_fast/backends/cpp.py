@@ -57,6 +57,12 @@ def _check_sparse(t: Tensor, mask: Tensor) -> None:
 # the dense MACs through index gathers, which never beats oneDNN/BLAS, and on a noisy machine
 # a mistimed dense reference could otherwise hand a dense layer to them.
 MAX_DENSITY = 0.5
+# Except for a thin convolution, of at most THIN_CHANNELS input channels a group (an RGB or
+# grey stem, a depthwise conv): its reduction over channels is too short for oneDNN's
+# register tiles, and there the direct kernels win at any density (a 3->16 3x3 stem at
+# 32x32, batch 32: input gradient 0.28 ms against oneDNN's 0.64-1.5 ms), so they are timed
+# there too, under the wide margin.
+THIN_CHANNELS = 3
 
 
 class SparseLinear:
@@ -91,10 +97,15 @@ class SparseConv2d:
     """``masked_conv2d`` on the direct sparse kernels at any density: :mod:`._cpp_ops`'
     sparse functions, after :func:`_check_sparse`."""
 
-    max_density = MAX_DENSITY
-
     def __init__(self, ext: ModuleType) -> None:
         self._ext = ext
+
+    @staticmethod
+    def max_density(mask_shape: tuple[int, ...]) -> float:
+        """The densest mask of shape ``mask_shape`` (OC, C/groups, KH, KW) ``auto`` times
+        these kernels on: any for a thin conv (:data:`THIN_CHANNELS`), else
+        :data:`MAX_DENSITY`."""
+        return 1.0 if mask_shape[1] <= THIN_CHANNELS else MAX_DENSITY
 
     def forward(self, x: Tensor, w: Tensor, mask: Tensor, b: Tensor | None, conv: Conv) -> Tensor:
         from ._cpp_ops import sparse_conv_forward
