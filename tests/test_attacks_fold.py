@@ -207,6 +207,48 @@ def test_relu_after_a_masked_conv_is_fused_and_exact(monkeypatch, tmp_path, back
     torch.testing.assert_close(g, gref, rtol=1e-10, atol=1e-10)
 
 
+def test_relu_backward_fuses_when_only_the_input_gradient_is_on_the_sparse_kernels(
+        monkeypatch, tmp_path):
+    """Forward picked on torch, input gradient on the direct kernels (an RGB stem's usual
+    pair): the ReLU's forward runs on torch's output and its backward inside the gated
+    kernel; value and input gradient are the model's."""
+    from conftest import cpu_backends
+
+    from sparse_adv_fast.backends import _autotune, _cpp
+
+    if "cpp" not in cpu_backends():
+        pytest.skip("needs a C++ compiler")
+    ran: list[str] = []
+    for direction in ("forward_relu", "grad_input_relu", "grad_input"):
+        real = getattr(_cpp.SparseConv2d, direction)
+        monkeypatch.setattr(_cpp.SparseConv2d, direction,
+                            lambda self, *a, real=real, d=direction: ran.append(d)
+                            or real(self, *a))
+    monkeypatch.setenv(_autotune.ENV_CACHE, str(tmp_path / "dispatch.json"))
+    saf.backends.reset()
+    split = _autotune.use_timer(lambda key, fns: {
+        n: (1.0 if (n == "cpp-sparse") == (key.direction == "grad_input") else 2.0)
+        for n in fns})
+    model = _sparse_conv_relu()
+    x = torch.rand(3, 3, 8, 8, dtype=torch.float64)
+    try:
+        with split, _hygiene.attack_mode(model):
+            xr = x.clone().requires_grad_()
+            ref = model(xr)
+            (gref,) = torch.autograd.grad(ref.square().sum(), xr)
+            for _ in range(2):  # the first call of a shape chooses; the second skips the op
+                ran.clear()
+                with _fold.folded(model) as fm:
+                    xf = x.clone().requires_grad_()
+                    out = fm(xf)
+                    (g,) = torch.autograd.grad(out.square().sum(), xf)
+    finally:
+        saf.backends.reset()
+    assert ran == ["grad_input_relu", "grad_input_relu"]  # both convs, gated; no forward
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(g, gref, rtol=1e-10, atol=1e-10)
+
+
 def test_relu_is_not_fused_where_the_conv_output_has_other_users_or_hooks():
     model = _sparse_conv_relu(shared=True)
     _, n = _folds(model)

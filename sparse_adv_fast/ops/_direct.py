@@ -41,7 +41,9 @@ def run(ns: object, reference: object, forward_args: tuple, grad_input_args: tup
     forward and input-gradient functions directly. With ``relu``, implementations that
     offer ``forward_relu`` / ``grad_input_relu`` beside ``forward`` / ``grad_input`` (the
     sparse kernels: they clamp as they store and gate the output gradient as they read it)
-    run the ReLU fused; any other pick is followed by ``torch.relu``.
+    run the ReLU fused; where only the input gradient's pick offers it, the ReLU runs in
+    place after the forward and its backward in the gated input gradient; any other pick
+    is followed by ``torch.relu``.
     """
     x = forward_args[0]
     calls = [("forward", forward_args)]
@@ -55,11 +57,24 @@ def run(ns: object, reference: object, forward_args: tuple, grad_input_args: tup
                  for f, (d, _) in zip(fns, calls, strict=True)]
         if all(f is not None for f in fused):
             return _through(fused, forward_args, grad_input_args, gated=True)
+        if len(fused) == 2 and fused[1] is not None:
+            # Only the input gradient's pick fuses (an RGB stem: oneDNN's forward, the
+            # direct input gradient): the ReLU runs in place on the forward's fresh output
+            # and its backward in the gated kernel, so no threshold_backward pass is left.
+            return _Frozen.apply(x, _relu_after(fns[0]), fused[1], forward_args,
+                                 grad_input_args[1:], True)
     if all(f is getattr(reference, d) for f, (d, _) in zip(fns, calls, strict=True)):
         y = reference.forward(*forward_args)  # type: ignore[attr-defined]
     else:
         y = _through(fns, forward_args, grad_input_args, gated=False)
     return torch.relu(y) if relu else y
+
+
+def _relu_after(fn):
+    def forward_relu(*args):
+        return fresh(fn(*args)).relu_()
+
+    return forward_relu
 
 
 def _through(fns: list, forward_args: tuple, grad_input_args: tuple, gated: bool) -> Tensor:
