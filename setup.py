@@ -15,7 +15,7 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).parent
-OPS = ("masked_linear", "masked_conv2d", "pgd_step")
+OPS = ("masked_linear", "masked_conv2d", "pgd_step", "max_pool2d")
 
 
 def _native_extensions() -> tuple[list, dict]:

@@ -266,9 +266,10 @@ def test_relu_is_not_fused_where_the_conv_output_has_other_users_or_hooks():
     dict(kernel_size=3, stride=1, padding=1, dilation=2),
     dict(kernel_size=(2, 3), stride=(2, 1), padding=(1, 1), ceil_mode=True),
 ])
-def test_channels_last_max_pool_is_the_module_exactly(cfg):
+def test_fast_max_pool_is_the_module_exactly(cfg):
     """Same values and the same input gradient, bit for bit, on ReLU'd inputs rounded so
-    that windows hold ties (and zeros), with a NaN: both kernels pick the same element."""
+    that windows hold ties (and zeros), with a NaN: the window kernels (the 2x2 case) and
+    the channels_last path (the others) pick the element aten picks."""
     pool = nn.MaxPool2d(**cfg)
     fast = _fold._MaxPool(pool)
     g = torch.Generator().manual_seed(0)
