@@ -44,6 +44,11 @@ GRID = [
     (17, 3, 3, 5, 4, 3, 1, 1, 1),    # 3x5: 4- and 1-wide column tiles
     (16, 5, 4, 4, 7, 3, 1, 1, 1),    # one group of lanes (float): output channels split
     (17, 3, 1, 16, 2, 3, 1, 1, 1),   # one 16-wide row
+    # lane buffers larger than a block (32 KB): input channels summed block by block
+    (17, 40, 4, 4, 6, 3, 1, 1, 1),   # forward in 3 blocks
+    (17, 6, 4, 4, 40, 3, 1, 1, 1),   # the input gradient's 40 channels in blocks
+    (16, 40, 4, 4, 7, 3, 1, 1, 1),   # one group of lanes, output channels split, blocks
+    (17, 70, 2, 2, 36, 3, 1, 1, 2),  # 2x2, groups: 35 channels a group, 2 blocks
 ]
 
 
@@ -92,6 +97,7 @@ STRIDED = [
     (1, 18, 9, 10, 4, 3, 2, 1, 1, 1),        # one image: input channels split, 3 a task
     (17, 5, 8, 8, 6, 3, 2, 1, 1, 1),         # 8x8 -> 4x4 (gradient over 4x4: batch lanes)
     (17, 4, 8, 7, 4, 1, 2, 0, 1, 2),         # 1x1 shortcut into 4x4, groups (lanes)
+    (17, 40, 8, 8, 40, 3, 2, 1, 1, 1),       # both directions in channel blocks (lanes)
 ]
 
 

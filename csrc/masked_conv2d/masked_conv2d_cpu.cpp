@@ -79,15 +79,24 @@ inline void flat_tile_n(int nv, const T* xb, const int32_t* off, const T* vals, 
 
 // acc[r][j] = b0 + sum over the kept taps k of vals[k] * the vector at
 // xb + off[k] * Scale + r * Wp + j * VL: the register tile both row tiles (Scale 1) and
-// batch-lane tiles (Scale VL, one vector a pixel) accumulate.
-template <typename T, int VB, int NCV, int NR, int Scale>
-inline void tile_accumulate(const T* xb, int64_t Wp, const int32_t* off, const T* vals,
-                            int64_t nk, T b0, T (*acc)[NCV][VB / sizeof(T)]) {
+// batch-lane tiles (Scale VL, one vector a pixel) accumulate. WPC > 0 fixes Wp at compile
+// time: every load is then one base register plus a constant, where a run-time stride
+// needs a register per row and a 16-pixel tile spills them.
+// With init, the tile starts from the sums there (same layout as acc) instead of b0.
+template <typename T, int VB, int NCV, int NR, int Scale, int WPC = 0>
+inline void tile_accumulate(const T* xb, int64_t Wp_, const int32_t* off, const T* vals,
+                            int64_t nk, T b0, T (*acc)[NCV][VB / sizeof(T)],
+                            const T* init = nullptr) {
   typedef T V __attribute__((vector_size(VB)));
   constexpr int VL = VB / sizeof(T);
+  const int64_t Wp = WPC > 0 ? WPC : Wp_;
   V a[NR][NCV];
-  for (int r = 0; r < NR; ++r)
-    for (int j = 0; j < NCV; ++j) a[r][j] = V{} + b0;
+  if (init) {
+    __builtin_memcpy(a, init, sizeof(a));
+  } else {
+    for (int r = 0; r < NR; ++r)
+      for (int j = 0; j < NCV; ++j) a[r][j] = V{} + b0;
+  }
   for (int64_t k = 0; k < nk; ++k) {
     const T* p = xb + static_cast<int64_t>(off[k]) * Scale;
     const T v = vals[k];
@@ -145,6 +154,10 @@ struct FlatPlan {
   // Per phase (ry * sw + rx): whether a tap reads it. A 1x1 stride-2 shortcut reads one
   // phase of four; the others are never copied.
   std::vector<char> read;
+  // Batch-lane path only (lane_blocks): input channels a block, blocks, and per output
+  // channel the index of its first stored weight in each block (nb + 1 entries a row).
+  int64_t cb = 0, nb = 1;
+  std::vector<int64_t> split;
 };
 
 template <typename T, typename I>
@@ -376,61 +389,137 @@ inline T* scratch(size_t n) {
   return v.data();
 }
 
-template <typename T, int NC, int NR>
+template <typename T, int NC, int NR, int WQ = 0>
 inline void lanes_tile(const T* xb, int64_t WqL, const int32_t* off, const T* vals, int64_t nk,
-                       T b0, T* out) {
+                       T b0, T* out, const T* init) {
   constexpr int VL = kVecBytes / sizeof(T);
-  tile_accumulate<T, kVecBytes, NC, NR, VL>(xb, WqL, off, vals, nk, b0,
-                                            reinterpret_cast<T (*)[NC][VL]>(out));
+  tile_accumulate<T, kVecBytes, NC, NR, VL, WQ * VL>(xb, WqL, off, vals, nk, b0,
+                                                     reinterpret_cast<T (*)[NC][VL]>(out), init);
+}
+
+// The whole-plane tiles of the usual small planes with their row stride fixed: 4x4 and 2x2
+// outputs of a 3x3 conv, stride 1 (Wq = OW + 2) or 2 (Wq = OW + 1), and of the input
+// gradients of such convs. False where the tile is another one.
+template <typename T>
+inline bool lanes_tile_fixed(int nc, int nr, int64_t Wq, const T* xb, int64_t WqL,
+                             const int32_t* off, const T* vals, int64_t nk, T b0, T* out,
+                             const T* init) {
+  if (nc == 4 && nr == 4 && Wq == 6)
+    lanes_tile<T, 4, 4, 6>(xb, WqL, off, vals, nk, b0, out, init);
+  else if (nc == 4 && nr == 4 && Wq == 5)
+    lanes_tile<T, 4, 4, 5>(xb, WqL, off, vals, nk, b0, out, init);
+  else if (nc == 2 && nr == 2 && Wq == 4)
+    lanes_tile<T, 2, 2, 4>(xb, WqL, off, vals, nk, b0, out, init);
+  else if (nc == 2 && nr == 2 && Wq == 3)
+    lanes_tile<T, 2, 2, 3>(xb, WqL, off, vals, nk, b0, out, init);
+  else
+    return false;
+  return true;
 }
 
 template <typename T, int NC, int NR = kLanePixels / NC>
 inline void lanes_tile_n(int nr, const T* xb, int64_t WqL, const int32_t* off, const T* vals,
-                         int64_t nk, T b0, T* out) {
+                         int64_t nk, T b0, T* out, const T* init) {
   if constexpr (NR > 1) {
-    if (nr < NR) return lanes_tile_n<T, NC, NR - 1>(nr, xb, WqL, off, vals, nk, b0, out);
+    if (nr < NR) return lanes_tile_n<T, NC, NR - 1>(nr, xb, WqL, off, vals, nk, b0, out, init);
   }
-  lanes_tile<T, NC, NR>(xb, WqL, off, vals, nk, b0, out);
+  lanes_tile<T, NC, NR>(xb, WqL, off, vals, nk, b0, out, init);
 }
 
-// Output channels [oc0, oc1) of the nl images from n0 held in buf's lanes.
+// Output channels [oc0, oc1) of the nl images from n0 held in buf's lanes. A lane buffer
+// larger than L1 (a 4x4 plane of 128 channels: 295 KB) is read in blocks of f.cb input
+// channels that fit it: every output channel's tiles sum one block's taps, parked in a
+// per-thread buffer between blocks, and are stored after the last (L2 would otherwise
+// serve every tap's loads: 4x slower than the multiply-adds).
 template <typename T>
 void lanes_image(const Geom& g, const FlatPlan<T>& f, const T* buf, int64_t n0, int64_t nl,
                  int64_t oc0, int64_t oc1, const int64_t* rowptr, const T* val, const T* bias,
                  bool relu, T* y) {
   constexpr int64_t VL = kVecBytes / sizeof(T);
   const int64_t Cg = g.C / g.G, OCg = g.OC / g.G, P = g.OH * g.OW, WqL = f.Wq * VL;
+  const int64_t nb = f.nb, tile_len = kLanePixels * VL;
+  int64_t tiles = 0;  // tiles a plane, as the loop below walks them
+  for (int64_t left = g.OW; left > 0;) {
+    const int nc = left >= 16 ? 16 : left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+    tiles += (g.OH + kLanePixels / nc - 1) / (kLanePixels / nc);
+    left -= nc;
+  }
   alignas(64) T out[kLanePixels * VL];
-  for (int64_t oc = oc0; oc < oc1; ++oc) {
-    const int64_t k0 = rowptr[oc], nk = rowptr[oc + 1] - k0;
-    const T* xc = buf + (oc / OCg) * Cg * f.chan * VL;
-    const T b0 = bias ? bias[oc] : T(0);
-    const int32_t* o = f.off.data() + k0;
-    for (int64_t c0 = 0; c0 < g.OW;) {
-      const int64_t left = g.OW - c0;
-      const int nc = left >= 16 ? 16 : left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
-      const int nrmax = kLanePixels / nc;
-      for (int64_t r0 = 0; r0 < g.OH; r0 += nrmax) {
-        const int nr = static_cast<int>(std::min<int64_t>(nrmax, g.OH - r0));
-        const T* xb = xc + (r0 * f.Wq + c0) * VL;
-        switch (nc) {
-          case 16: lanes_tile_n<T, 16>(nr, xb, WqL, o, val + k0, nk, b0, out); break;
-          case 8: lanes_tile_n<T, 8>(nr, xb, WqL, o, val + k0, nk, b0, out); break;
-          case 4: lanes_tile_n<T, 4>(nr, xb, WqL, o, val + k0, nk, b0, out); break;
-          case 2: lanes_tile_n<T, 2>(nr, xb, WqL, o, val + k0, nk, b0, out); break;
-          default: lanes_tile_n<T, 1>(nr, xb, WqL, o, val + k0, nk, b0, out); break;
-        }
-        for (int64_t l = 0; l < nl; ++l) {
-          T* yp = y + ((n0 + l) * g.OC + oc) * P + r0 * g.OW + c0;
-          for (int r = 0; r < nr; ++r)
-            for (int c = 0; c < nc; ++c) {
-              const T v = out[(r * nc + c) * VL + l];
-              yp[r * g.OW + c] = (relu && v < T(0)) ? T(0) : v;
+  T* park = nb > 1 ? scratch<T, 2>(static_cast<size_t>((oc1 - oc0) * tiles * tile_len))
+                   : nullptr;
+  for (int64_t blk = 0; blk < nb; ++blk) {
+    const bool last = blk == nb - 1;
+    for (int64_t oc = oc0; oc < oc1; ++oc) {
+      const int64_t k0 = nb > 1 ? f.split[oc * (nb + 1) + blk] : rowptr[oc];
+      const int64_t nk = (nb > 1 ? f.split[oc * (nb + 1) + blk + 1] : rowptr[oc + 1]) - k0;
+      const T* xc = buf + (oc / OCg) * Cg * f.chan * VL;
+      const T b0 = bias ? bias[oc] : T(0);
+      const int32_t* o = f.off.data() + k0;
+      int64_t tile = 0;
+      for (int64_t c0 = 0; c0 < g.OW;) {
+        const int64_t left = g.OW - c0;
+        const int nc = left >= 16 ? 16 : left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+        const int nrmax = kLanePixels / nc;
+        for (int64_t r0 = 0; r0 < g.OH; r0 += nrmax, ++tile) {
+          const int nr = static_cast<int>(std::min<int64_t>(nrmax, g.OH - r0));
+          const T* xb = xc + (r0 * f.Wq + c0) * VL;
+          T* pk = park ? park + ((oc - oc0) * tiles + tile) * tile_len : nullptr;
+          const T* init = blk > 0 ? pk : nullptr;
+          T* acc = last ? out : pk;
+          if (!lanes_tile_fixed<T>(nc, nr, f.Wq, xb, WqL, o, val + k0, nk, b0, acc, init)) {
+            switch (nc) {
+              case 16: lanes_tile_n<T, 16>(nr, xb, WqL, o, val + k0, nk, b0, acc, init); break;
+              case 8: lanes_tile_n<T, 8>(nr, xb, WqL, o, val + k0, nk, b0, acc, init); break;
+              case 4: lanes_tile_n<T, 4>(nr, xb, WqL, o, val + k0, nk, b0, acc, init); break;
+              case 2: lanes_tile_n<T, 2>(nr, xb, WqL, o, val + k0, nk, b0, acc, init); break;
+              default: lanes_tile_n<T, 1>(nr, xb, WqL, o, val + k0, nk, b0, acc, init); break;
             }
+          }
+          if (!last) continue;
+          for (int64_t l = 0; l < nl; ++l) {
+            T* yp = y + ((n0 + l) * g.OC + oc) * P + r0 * g.OW + c0;
+            for (int r = 0; r < nr; ++r)
+              for (int c = 0; c < nc; ++c) {
+                const T v = out[(r * nc + c) * VL + l];
+                yp[r * g.OW + c] = (relu && v < T(0)) ? T(0) : v;
+              }
+          }
         }
+        c0 += nc;
       }
-      c0 += nc;
     }
+  }
+}
+
+// The channel blocks of the batch-lane path (see lanes_image): f.cb channels whose lane
+// buffer fits kLaneBlockBytes, and per output channel where each block's weights begin.
+// The split points rise and cover the row, so every weight is summed once whatever the
+// order of its columns; the order (rising with the input channel in both CSRs the kernels
+// run on) only decides how local the reads are. One block, and no table, where the whole
+// buffer fits.
+constexpr int64_t kLaneBlockBytes = 32 * 1024;
+
+template <typename T, typename I>
+void lane_blocks(const Geom& g, FlatPlan<T>& f, const int64_t* rowptr, const I* col) {
+  constexpr int64_t VL = kVecBytes / sizeof(T);
+  const int64_t Cg = g.C / g.G, KK = g.KH * g.KW;
+  f.cb = std::max<int64_t>(1, kLaneBlockBytes / (f.chan * VL * static_cast<int64_t>(sizeof(T))));
+  f.nb = (Cg + f.cb - 1) / f.cb;
+  if (f.nb <= 1) {
+    f.nb = 1;
+    return;
+  }
+  const int64_t stride = f.nb + 1, span = f.cb * KK;
+  f.split.resize(static_cast<size_t>(g.OC * stride));
+  for (int64_t oc = 0; oc < g.OC; ++oc) {
+    int64_t* s = f.split.data() + oc * stride;
+    int64_t k = rowptr[oc];
+    for (int64_t blk = 0; blk < f.nb; ++blk) {
+      s[blk] = k;
+      const int64_t end = (blk + 1) * span;  // first column code of the next block
+      while (k < rowptr[oc + 1] && static_cast<int64_t>(col[k]) < end) ++k;
+    }
+    s[f.nb] = rowptr[oc + 1];
   }
 }
 
@@ -511,9 +600,11 @@ void tiled_images(const Geom& g, const FlatPlan<T>& f, const T* x, const T* gate
 template <typename T, typename I>
 void conv_forward_tiled(const Geom& g, const T* x, const T* gate, const int64_t* rowptr,
                         const I* col, const T* val, const T* bias, bool relu, T* y) {
-  const FlatPlan<T> f = flat_plan<T>(g, rowptr, col);
-  if (use_lanes<T>(g))
+  FlatPlan<T> f = flat_plan<T>(g, rowptr, col);
+  if (use_lanes<T>(g)) {
+    lane_blocks(g, f, rowptr, col);
     return conv_forward_lanes(g, f, x, gate, rowptr, val, bias, relu, y);
+  }
   tiled_images(g, f, x, gate, rowptr, val, bias, relu, 1,
                [&](int64_t n) { return y + n * g.OC * g.OH * g.OW; },
                [](int64_t, int64_t, int64_t, const T*) {});
@@ -629,9 +720,10 @@ void conv_grad_input_direct(const Geom& g, const T* gy, const T* gate, const int
                                    false, gx);
     return;
   }
-  const FlatPlan<T> f = flat_plan<T>(t, rpT.data(), colT.data());
+  FlatPlan<T> f = flat_plan<T>(t, rpT.data(), colT.data());
   const int64_t planes = t.OC * t.OH * t.OW, image = g.C * g.H * g.W;
   if (use_lanes<T>(t)) {  // all images' phase planes, then interleaved
+    lane_blocks(t, f, rpT.data(), colT.data());
     T* sc = scratch<T, 1>(static_cast<size_t>(g.N * planes));
     conv_forward_lanes<T>(t, f, gy, gate, rpT.data(), valT.data(), nullptr, false, sc);
 #pragma omp parallel for schedule(static)
