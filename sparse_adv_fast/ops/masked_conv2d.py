@@ -44,7 +44,9 @@ def grad_input(gy: Tensor, x: Tensor, w: Tensor, mask: Tensor, conv: Conv) -> Te
 
 def grad_weight(gy: Tensor, x: Tensor, mask: Tensor, conv: Conv) -> Tensor:
     w_like = x.new_empty(mask.shape)  # only its shape is read
-    return _conv_backward(gy, x, w_like, conv, [False, True, False])[1] * mask
+    gw = _conv_backward(gy, x, w_like, conv, [False, True, False])[1]
+    _cache.zero_pruned_(gw, mask)  # in place, as for masked_linear
+    return gw
 
 
 def reference(
