@@ -9,6 +9,8 @@ Groups: ``<op> <shape> <step> sparsity=<s>`` with ``step`` one of
 
 ``test_masked_conv2d_resnet_shapes`` times the attack step at the four 3x3 conv shapes of
 a full-width CIFAR ResNet-18 (64@32² ... 512@4², batch 32) on 1 and 2 threads.
+``test_layer_training_step`` times a training step through the layers themselves
+(``MaskedLinear`` / ``MaskedConv2d`` with ``torch.optim.SGD``) at density 0.5.
 
 Entries: ``dense`` (plain ``F.linear``/``F.conv2d`` on an unmasked weight: the baseline),
 ``prune`` (``weight_orig * mask`` recomputed every call, as torch.nn.utils.prune does),
@@ -27,6 +29,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.nn.utils.prune as torch_prune
 
 from sparse_adv_fast import backends
 from sparse_adv_fast.ops import _cache, masked_conv2d, masked_linear
@@ -188,3 +191,45 @@ def test_masked_conv2d_resnet_shapes(benchmark, shape, sparsity, impl, threads):
             _run(benchmark, group, impl, fn)
     finally:
         torch.set_num_threads(prev)
+
+
+LAYER_IMPLS = ("dense", "torch-prune", "saf")
+
+
+@pytest.mark.parametrize("impl", LAYER_IMPLS)
+@pytest.mark.parametrize("layer", ["linear", "conv"])
+def test_layer_training_step(benchmark, layer, impl):
+    """A training step through the layers as other training code uses them: forward,
+    backward and ``torch.optim.SGD`` (momentum 0.9) on one layer at density 0.5, so every
+    remask, gradient mask and optimizer pass is counted. ``dense``: ``nn.Linear`` /
+    ``nn.Conv2d`` (the baseline); ``torch-prune``: the same layer under
+    ``torch.nn.utils.prune``; ``saf``: ``sparsify``'d to ``MaskedLinear`` / ``MaskedConv2d``."""
+    import copy
+
+    import sparse_adv_fast as saf
+
+    torch.manual_seed(0)
+    if layer == "linear":
+        bsz, k, n = LIN
+        base, x = torch.nn.Linear(k, n), torch.randn(bsz, k)
+        group = f"layer training step linear {bsz}x{k}->{n} density=0.5"
+    else:
+        nb, c, h, wd, oc, ks = CONV
+        base, x = torch.nn.Conv2d(c, oc, ks, padding=1), torch.randn(nb, c, h, wd)
+        group = f"layer training step conv {nb}x{c}x{h}x{wd}->{oc} k{ks} density=0.5"
+    net = torch.nn.Sequential(copy.deepcopy(base)).to(DEV)
+    x = x.to(DEV)
+    if impl == "torch-prune":
+        torch_prune.random_unstructured(net[0], "weight", amount=0.5)
+    elif impl == "saf":
+        saf.sparsify(net)
+        saf.prune.random(net, 0.5, scope="layer")
+    opt = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9)
+
+    def fn():
+        loss = net(x).square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    _run(benchmark, group, impl, fn)
