@@ -32,6 +32,8 @@ def _both(x: torch.Tensor, k: int, gy_seed: int = 1):
     ((2, 3, 8, 8), 2), ((1, 1, 2, 2), 2), ((3, 5, 7, 9), 2),  # odd sizes: rows, cols left over
     ((2, 4, 9, 9), 3), ((2, 2, 10, 11), 3), ((1, 3, 12, 8), 4), ((4, 64, 4, 4), 2),
     ((2, 128, 2, 2), 2), ((0, 3, 8, 8), 2), ((32, 16, 32, 32), 2),
+    # 16 windows a row or more: the gradient row by row
+    ((2, 3, 35, 33), 2), ((2, 2, 50, 49), 3), ((1, 2, 64, 70), 4),
 ])
 def test_values_and_gradients_equal_aten(shape, k, dtype):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=dtype)

@@ -93,6 +93,39 @@ void backward_k(const T* gy, const uint8_t* idx, int64_t planes, const Plan& s, 
   }
 }
 
+// The input gradient row by row, for planes at least kRowWindows windows wide: each row
+// is written once, front to back (the scattered stores of backward_k would read every
+// line before writing it), its picks and gradients read from one row of windows.
+constexpr int64_t kRowWindows = 16;
+
+template <typename T, int KC>
+void backward_rows(const T* gy, const uint8_t* idx, int64_t planes, int64_t H, int64_t W,
+                   int64_t kr, T* gx) {
+  const int64_t k = KC ? KC : kr, OH = H / k, OW = W / k;
+#pragma omp parallel for schedule(static)
+  for (int64_t p = 0; p < planes; ++p) {
+    const T* gp = gy + p * OH * OW;
+    const uint8_t* ip = idx + p * OH * OW;
+    T* xp = gx + p * H * W;
+    for (int64_t h = 0; h < H; ++h) {
+      T* row = xp + h * W;
+      const int64_t oh = h / k;
+      if (oh >= OH) {  // rows below the last window (floor mode)
+        for (int64_t w = 0; w < W; ++w) row[w] = T(0);
+        continue;
+      }
+      const int64_t base = (h % k) * k;
+      const T* g = gp + oh * OW;
+      const uint8_t* pick = ip + oh * OW;
+#pragma omp simd
+      for (int64_t ow = 0; ow < OW; ++ow)
+        for (int64_t j = 0; j < k; ++j)
+          row[ow * k + j] = pick[ow] == base + j ? g[ow] : T(0);
+      for (int64_t w = OW * k; w < W; ++w) row[w] = T(0);  // columns past the last window
+    }
+  }
+}
+
 template <typename T>
 void forward(const T* x, int64_t planes, int64_t H, int64_t W, int64_t k, T* y, uint8_t* idx) {
   const Plan s = plan(H, W, k);
@@ -104,6 +137,10 @@ void forward(const T* x, int64_t planes, int64_t H, int64_t W, int64_t k, T* y, 
 template <typename T>
 void backward(const T* gy, const uint8_t* idx, int64_t planes, int64_t H, int64_t W, int64_t k,
               T* gx) {
+  if (W / k >= kRowWindows) {
+    if (k == 2) return backward_rows<T, 2>(gy, idx, planes, H, W, k, gx);
+    return backward_rows<T, 0>(gy, idx, planes, H, W, k, gx);
+  }
   const Plan s = plan(H, W, k);
   if (k == 2) return backward_k<T, 2>(gy, idx, planes, s, gx);
   if (k == 3) return backward_k<T, 3>(gy, idx, planes, s, gx);
