@@ -92,8 +92,8 @@ class _FoldedConv(nn.Module):
 
 class _MaxPool(nn.Module):
     """``nn.MaxPool2d`` (no indices returned) with the module's values and gradients: on
-    the window kernels where its windows tile the input (forward and backward 20x and 10x
-    faster than aten's NCHW ones on a 32x16x32x32 batch), else its CPU forward on a
+    the window kernels where its windows tile the input (on a 32x16x32x32 batch, forward
+    and backward 0.12 ms against 0.8 ms on the channels_last path), else its CPU forward on a
     channels_last copy, whose kernel is vectorised across channels (about 4x faster than
     the NCHW one on a 32x32x32x32 batch), and its backward by the NCHW kernel from the same
     indices (both kernels pick the same element of each window, ties and NaN included)."""
