@@ -4,6 +4,8 @@ attack on the folded model finds the same adversarial points as on the unfolded 
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -162,6 +164,27 @@ def _sparse_conv_relu(shared: bool = False) -> nn.Module:
     return model.double()
 
 
+def _model_then_folded(model: nn.Module, x: torch.Tensor, *scopes, each=None):
+    """Inside ``scopes`` and attack mode: the model's value and input gradient, then the
+    folded model's, run twice (the first call of a shape chooses; the second skips the
+    op), with ``each()`` before each run. Returns (ref, gref, out, g, folded module)."""
+    with contextlib.ExitStack() as stack:
+        for s in scopes:
+            stack.enter_context(s)
+        stack.enter_context(_hygiene.attack_mode(model))
+        xr = x.clone().requires_grad_()
+        ref = model(xr)
+        (gref,) = torch.autograd.grad(ref.square().sum(), xr)
+        for _ in range(2):
+            if each is not None:
+                each()
+            with _fold.folded(model) as fm:
+                xf = x.clone().requires_grad_()
+                out = fm(xf)
+                (g,) = torch.autograd.grad(out.square().sum(), xf)
+    return ref, gref, out, g, fm
+
+
 @pytest.mark.parametrize("backend", ["auto", "cpp", "torch"])
 def test_relu_after_a_masked_conv_is_fused_and_exact(monkeypatch, tmp_path, backend):
     """On the sparse kernels (``auto`` with a timer that makes them win, or ``cpp`` on its
@@ -188,18 +211,11 @@ def test_relu_after_a_masked_conv_is_fused_and_exact(monkeypatch, tmp_path, back
     model = _sparse_conv_relu()
     x = torch.rand(3, 3, 8, 8, dtype=torch.float64)
     try:
-        with saf.backends.using(backend), sparse_wins, _hygiene.attack_mode(model):
-            xr = x.clone().requires_grad_()
-            ref = model(xr)
-            (gref,) = torch.autograd.grad(ref.square().sum(), xr)
-            for _ in range(2):  # the first call of a shape chooses; the second skips the op
-                with _fold.folded(model) as fm:
-                    folds = [m for m in fm.modules() if isinstance(m, _fold._FoldedConv)]
-                    xf = x.clone().requires_grad_()
-                    out = fm(xf)
-                    (g,) = torch.autograd.grad(out.square().sum(), xf)
+        ref, gref, out, g, fm = _model_then_folded(model, x, saf.backends.using(backend),
+                                                   sparse_wins)
     finally:
         saf.backends.reset()  # no choice made under the fake timer outlives the test
+    folds = [m for m in fm.modules() if isinstance(m, _fold._FoldedConv)]
     assert len(folds) == 2 and all(f.relu for f in folds)
     assert not any(isinstance(m, nn.ReLU) for m in fm.modules() if m not in model.modules())
     assert ran if backend != "torch" else not ran  # the fused input gradient ran
@@ -232,16 +248,7 @@ def test_relu_backward_fuses_when_only_the_input_gradient_is_on_the_sparse_kerne
     model = _sparse_conv_relu()
     x = torch.rand(3, 3, 8, 8, dtype=torch.float64)
     try:
-        with split, _hygiene.attack_mode(model):
-            xr = x.clone().requires_grad_()
-            ref = model(xr)
-            (gref,) = torch.autograd.grad(ref.square().sum(), xr)
-            for _ in range(2):  # the first call of a shape chooses; the second skips the op
-                ran.clear()
-                with _fold.folded(model) as fm:
-                    xf = x.clone().requires_grad_()
-                    out = fm(xf)
-                    (g,) = torch.autograd.grad(out.square().sum(), xf)
+        ref, gref, out, g, _ = _model_then_folded(model, x, split, each=ran.clear)
     finally:
         saf.backends.reset()
     assert ran == ["grad_input_relu", "grad_input_relu"]  # both convs, gated; no forward
@@ -333,15 +340,7 @@ def test_plain_convs_stay_dense_and_residual_sums_run_in_place(monkeypatch, tmp_
     csr_wins = _autotune.use_timer(
         lambda key, fns: {n: (1.0 if n == "cpp-sparse" else 3.0) for n in fns})
     try:
-        with csr_wins, _hygiene.attack_mode(model):
-            xr = x.clone().requires_grad_()
-            ref = model(xr)
-            (gref,) = torch.autograd.grad(ref.square().sum(), xr)
-            for _ in range(2):  # the first call of a shape chooses; the second skips the op
-                with _fold.folded(model) as fm:
-                    xf = x.clone().requires_grad_()
-                    out = fm(xf)
-                    (g,) = torch.autograd.grad(out.square().sum(), xf)
+        ref, gref, out, g, fm = _model_then_folded(model, x, csr_wins)
     finally:
         saf.backends.reset()
     assert not any(isinstance(m, saf.nn.MaskedConv2d) for m in model.modules())
