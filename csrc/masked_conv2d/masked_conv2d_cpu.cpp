@@ -426,6 +426,12 @@ inline void lanes_tile_n(int nr, const T* xb, int64_t WqL, const int32_t* off, c
   lanes_tile<T, NC, NR>(xb, WqL, off, vals, nk, b0, out, init);
 }
 
+// Columns of the next lane tile of a plane with `left` columns still to cover: the widest
+// power of two up to 16 that fits.
+inline int lane_cols(int64_t left) {
+  return left >= 16 ? 16 : left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+}
+
 // Output channels [oc0, oc1) of the nl images from n0 held in buf's lanes. A lane buffer
 // larger than L1 (a 4x4 plane of 128 channels: 295 KB) is read in blocks of f.cb input
 // channels that fit it: every output channel's tiles sum one block's taps, parked in a
@@ -440,7 +446,7 @@ void lanes_image(const Geom& g, const FlatPlan<T>& f, const T* buf, int64_t n0, 
   const int64_t nb = f.nb, tile_len = kLanePixels * VL;
   int64_t tiles = 0;  // tiles a plane, as the loop below walks them
   for (int64_t left = g.OW; left > 0;) {
-    const int nc = left >= 16 ? 16 : left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+    const int nc = lane_cols(left);
     tiles += (g.OH + kLanePixels / nc - 1) / (kLanePixels / nc);
     left -= nc;
   }
@@ -458,7 +464,7 @@ void lanes_image(const Geom& g, const FlatPlan<T>& f, const T* buf, int64_t n0, 
       int64_t tile = 0;
       for (int64_t c0 = 0; c0 < g.OW;) {
         const int64_t left = g.OW - c0;
-        const int nc = left >= 16 ? 16 : left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+        const int nc = lane_cols(left);
         const int nrmax = kLanePixels / nc;
         for (int64_t r0 = 0; r0 < g.OH; r0 += nrmax, ++tile) {
           const int nr = static_cast<int>(std::min<int64_t>(nrmax, g.OH - r0));

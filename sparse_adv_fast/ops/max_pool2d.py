@@ -21,6 +21,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+from torch.nn.modules.utils import _pair
 
 from .. import backends
 
@@ -37,10 +38,6 @@ def _ext() -> ModuleType | None:
     except Exception as e:  # noqa: BLE001 - no compiler, failed build: aten runs instead
         _log.info("sparse_adv_fast: max_pool2d runs on aten: %s", e)
         return None
-
-
-def _pair(v: int | tuple[int, ...] | list[int]) -> tuple[int, ...]:
-    return (v, v) if isinstance(v, int) else tuple(v)
 
 
 def tiling_kernel(x: Tensor, kernel, stride, padding, dilation, ceil_mode: bool) -> int | None:
